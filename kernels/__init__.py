@@ -1,0 +1,21 @@
+"""Device code for tritonbn: @triton.jit kernels only.
+
+Installed as the subpackage ``tritonbn.kernels``. Nothing here knows about autograd,
+torch.nn or shapes beyond the canonical (N, C, S) view that the host builds:
+
+* an activation is seen as N samples x C channels x S spatial positions with three
+  element strides (any of which may be 0, e.g. for the gradient of ``y.sum()``);
+* a channel's reduction domain is the N x S plane, walked in tiles of
+  BLOCK_N samples x BLOCK_S positions x BLOCK_C channels.
+"""
+from .forward import bn_fwd_apply_kernel, bn_fwd_onepass_kernel, bn_stats_partial_kernel
+from .backward import bn_bwd_apply_kernel, bn_bwd_onepass_kernel, bn_bwd_partial_kernel
+
+__all__ = [
+    "bn_stats_partial_kernel",
+    "bn_fwd_apply_kernel",
+    "bn_fwd_onepass_kernel",
+    "bn_bwd_partial_kernel",
+    "bn_bwd_apply_kernel",
+    "bn_bwd_onepass_kernel",
+]

@@ -1,0 +1,109 @@
+"""Building blocks shared by the forward and backward kernels.
+
+Statistics are carried as (count, mean, M2) triples in the accumulation dtype (float32,
+or float64 for float64 activations) and merged with Chan's parallel formula, so the
+variance is never formed as E[x^2] - E[x]^2 and no square is ever taken in half precision.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_rows(
+    t,                  # index of the tile in the channel's N x S plane (row-major over tiles)
+    n_tiles_s,          # number of tiles along S: cdiv(S, BLOCK_S)
+    N,                  # samples in the canonical view
+    S,                  # spatial positions per sample in the canonical view
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    USE_INT64: tl.constexpr,
+):
+    """Sample index, spatial index and in-range mask of every row of tile ``t``.
+
+    A tile holds BLOCK_N * BLOCK_S rows; BLOCK_S is a power of two, so the split of a row
+    into (sample, position) is a shift and a mask, and positions stay contiguous for the
+    compiler's vectorizer when the spatial stride is 1.
+    """
+    tn = t // n_tiles_s
+    ts = t - tn * n_tiles_s
+    i = tl.arange(0, BLOCK_N * BLOCK_S)
+    n = tn * BLOCK_N + i // BLOCK_S
+    s = ts * BLOCK_S + i % BLOCK_S
+    if USE_INT64:
+        # An element offset n * stride_n can pass 2**31 on large activations.
+        n = n.to(tl.int64)
+        s = s.to(tl.int64)
+    return n, s, (n < N) & (s < S)
+
+
+@triton.jit
+def channel_offsets(c, stride_c, USE_INT64: tl.constexpr):
+    """Element offset of each channel in ``c`` (a BLOCK_C vector) along the channel axis."""
+    if USE_INT64:
+        c = c.to(tl.int64)
+    return c * stride_c
+
+
+@triton.jit
+def tile_moments(x, mask, row_mask):
+    """Count, mean and centered M2 of each column of a masked [rows, BLOCK_C] tile.
+
+    The tile mean is taken first and the squares are of deviations from it, so the sum of
+    squares stays O(count * var) even when the channel mean is large.
+    """
+    count = tl.sum(row_mask.to(x.dtype), axis=0)
+    mean = tl.sum(x, axis=0) / tl.maximum(count, 1.0)
+    d = tl.where(mask, x - mean[None, :], 0.0)
+    return count, mean, tl.sum(d * d, axis=0)
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of two (count, mean, M2) summaries; empty parts are harmless."""
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * w_b
+    m2 = m2_a + m2_b + delta * delta * n_a * w_b
+    return n, mean, m2
+
+
+@triton.jit
+def inv_std(var, eps):
+    """1 / sqrt(var + eps), correctly rounded square root."""
+    return 1.0 / tl.sqrt_rn(var + eps)
+
+
+@triton.jit
+def update_running(
+    RUN_MEAN,           # pointer to the running mean, (C,), float32 or the input dtype
+    RUN_VAR,            # pointer to the running variance, (C,), same dtype as RUN_MEAN
+    c,                  # channel indices, (BLOCK_C,)
+    cmask,              # which of them exist
+    mean,               # batch mean, (BLOCK_C,), accumulation dtype
+    m2,                 # batch sum of squared deviations, (BLOCK_C,)
+    count,              # elements per channel, (BLOCK_C,)
+    momentum,           # weight of the batch statistics, float
+):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    rm = tl.load(RUN_MEAN + c, mask=cmask, other=0.0)
+    rv = tl.load(RUN_VAR + c, mask=cmask, other=0.0)
+    unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+    new_rm = rm.to(mean.dtype) * (1.0 - momentum) + mean * momentum
+    new_rv = rv.to(mean.dtype) * (1.0 - momentum) + unbiased * momentum
+    tl.store(RUN_MEAN + c, new_rm.to(rm.dtype), mask=cmask)
+    tl.store(RUN_VAR + c, new_rv.to(rv.dtype), mask=cmask)
+
+
+@triton.jit
+def load_affine(W, B, c, cmask, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """gamma and beta for the channels in ``c`` in the accumulation dtype (1 and 0 when absent)."""
+    if HAS_W:
+        w = tl.load(W + c, mask=cmask, other=1.0).to(ACC)
+    else:
+        w = tl.full(c.shape, 1.0, ACC)
+    if HAS_B:
+        b = tl.load(B + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        b = tl.zeros(c.shape, ACC)
+    return w, b

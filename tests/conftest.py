@@ -1,0 +1,38 @@
+"""Test setup: without CUDA the Triton kernels run in the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at conftest
+import time, before any test module imports tritonbn.
+"""
+import os
+import sys
+
+import pytest
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def device():
+    """Where the kernels run: the GPU when there is one, else CPU tensors in the interpreter."""
+    return "cuda" if _HAS_CUDA else "cpu"
+
+
+def pytest_report_header(config):
+    mode = "CUDA GPU" if _HAS_CUDA else "Triton interpreter on CPU (TRITON_INTERPRET=1)"
+    return f"tritonbn kernels run on: {mode}"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip)

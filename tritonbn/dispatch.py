@@ -1,0 +1,188 @@
+"""Shape -> plan: which kernel variant runs and with which block sizes.
+
+``make_plan`` is a pure function of (op, canonical shape, layout, element size, offset width,
+device) returning a frozen ``Plan``; it is cached, so a shape costs one lookup after its first
+call. The thresholds below come from the hardware model (register file, SM count, bytes in
+flight per SM), not yet from measurements: the autotuning issue replaces them with tuned values
+where a GPU has been swept. Each carries the reason it exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan", "interpreter_enabled"]
+
+OPS = ("fwd_train", "fwd_eval", "bwd_train", "bwd_eval")
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (read once, as Triton does at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str            # e.g. "NVIDIA H100 80GB HBM3" or "triton-interpreter"
+    sm_count: int        # streaming multiprocessors (programs run concurrently per SM)
+    capability: tuple[int, int]
+    interpreter: bool
+
+
+# The interpreter runs programs one after another in numpy: what costs is the number of tile
+# iterations, not parallelism (DESIGN.md: ~0.1 M elem/s at 256-wide tiles, ~1 M elem/s at 4096).
+# So it gets big tiles and few programs; 2 "SMs" still gives split reductions on small tests.
+INTERPRETER = DeviceInfo("triton-interpreter", sm_count=2, capability=(0, 0), interpreter=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceInfo(props.name, props.multi_processor_count, (props.major, props.minor), False)
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda" and not interpreter_enabled():
+        return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())
+    return INTERPRETER
+
+
+@dataclass(frozen=True)
+class Plan:
+    variant: str        # "onepass": the whole plane in one tile; "split": tiles over (C blocks, splits)
+    block_n: int        # samples per tile
+    block_s: int        # positions per tile (power of two)
+    block_c: int        # channels per program
+    splits: int         # programs along a channel block's plane
+    num_warps: int
+    use_int64: bool     # 64-bit element offsets
+    reason: str         # one line: why this variant
+
+    @property
+    def tile(self) -> int:
+        return self.block_n * self.block_s * self.block_c
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# Elements a split-kernel tile loads per loop iteration on a GPU. 4096 elements over 4 warps is
+# 32 per thread: for half that is four 16-byte loads in flight per thread, enough with a few
+# resident programs per SM to cover HBM latency, and few enough registers to keep occupancy.
+GPU_TILE = 4096
+# Interpreter tiles: as large as tests allow, since each iteration costs fixed numpy overhead.
+INTERPRETER_TILE = 16384
+# Programs per SM the split grid aims for: streaming kernels need several resident programs
+# per SM to keep enough loads in flight; 4 x 132 SMs on an H100.
+PROGRAMS_PER_SM = 4
+# Channels per program for channels-last tensors: 64 half channels are one 128-byte row segment,
+# a full cache line, so a warp's loads are coalesced and 16 bytes wide.
+MAX_BLOCK_C = 64
+# One-pass kernels hold the whole plane of a channel block in registers: x (and dy) plus the
+# float32 result. 8192 elements over 8 warps is 32 values per thread per tensor, inside the
+# 255-register budget without spilling; backward holds two inputs, so half of that.
+ONEPASS_MAX = {"fwd_train": 8192, "bwd_train": 4096, "bwd_eval": 4096}
+# Below this many elements a launch costs more than the bytes, so one launch beats a full grid.
+LAUNCH_BOUND_ELEMS = 1 << 20
+# 64-bit offsets cost an extra multiply-add per address; only used when 32 bits can overflow.
+INT32_LIMIT = 2**31 - 1
+
+
+_forced: dict | None = None
+
+
+@contextlib.contextmanager
+def forced_plan(**fields):
+    """Override plan fields (tests and tuning): e.g. ``forced_plan(variant="split", splits=3)``."""
+    global _forced
+    unknown = set(fields) - {f.name for f in dataclasses.fields(Plan)}
+    if unknown:
+        raise TypeError(f"forced_plan: unknown plan fields {sorted(unknown)}")
+    previous, _forced = _forced, dict(fields)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,
+              max_offset: int, device: DeviceInfo) -> Plan:
+    plan = _make_plan(op, n, c, s, channels_minor, elem_bytes, max_offset > INT32_LIMIT, device)
+    if _forced:
+        plan = _apply_forced(plan, n, s)
+    return plan
+
+
+def _apply_forced(plan: Plan, n: int, s: int) -> Plan:
+    fields = dict(_forced)
+    if fields.get("variant") == "onepass" and plan.variant != "onepass":
+        # A one-pass tile must cover the plane; derive its blocks unless they were given.
+        fields.setdefault("block_n", _pow2(n))
+        fields.setdefault("block_s", _pow2(s))
+        fields.setdefault("splits", 1)
+    forced = dataclasses.replace(plan, **fields, reason=plan.reason + " (forced)")
+    if forced.variant == "onepass" and (forced.block_n < n or forced.block_s < s):
+        raise ValueError(f"forced one-pass plan {forced} does not cover the plane ({n} x {s})")
+    return forced
+
+
+@functools.lru_cache(maxsize=4096)
+def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,
+               use_int64: bool, device: DeviceInfo) -> Plan:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    tile = INTERPRETER_TILE if device.interpreter else GPU_TILE
+    if channels_minor:
+        block_c = min(_pow2(c), MAX_BLOCK_C)
+    else:
+        # Channel planes are separate streams (NCHW): one channel per program, positions vectorized.
+        block_c = 1
+    c_blocks = cdiv(c, block_c)
+    num_warps = 8 if tile * elem_bytes >= 16384 else 4
+
+    onepass_max = ONEPASS_MAX.get(op)
+    if onepass_max is not None:
+        plane = _pow2(n) * _pow2(s)
+        bc = block_c
+        while bc > 1 and plane * bc > onepass_max:
+            bc //= 2  # fewer channels per program before giving up on one pass
+        if plane * bc <= onepass_max:
+            grid = cdiv(c, bc)
+            fills = grid >= device.sm_count
+            tiny = n * c * s <= LAUNCH_BOUND_ELEMS
+            if fills or tiny:
+                why = "plane fits one tile; " + ("grid fills the GPU" if fills else "launch-bound size")
+                return Plan("onepass", _pow2(n), _pow2(s), bc, 1, 8 if plane * bc >= 4096 else 4,
+                            use_int64, why)
+
+    # Split plan: tile the plane, spreading positions first (they are contiguous for NCHW and
+    # strided by C for NHWC) and filling the rest of the tile with samples.
+    rows = max(1, tile // block_c)
+    block_s = min(_pow2(s), rows)
+    block_n = min(_pow2(n), max(1, rows // block_s))
+    n_tiles = cdiv(n, block_n) * cdiv(s, block_s)
+    target = PROGRAMS_PER_SM * device.sm_count
+    splits = max(1, min(n_tiles, cdiv(target, c_blocks)))
+    why = f"plane of {n * s} needs {n_tiles} tiles; {splits} split(s) x {c_blocks} channel block(s)"
+    return Plan("split", block_n, block_s, block_c, splits, num_warps, use_int64, why)
+
+
+def grid_tiles(plan: Plan, n: int, s: int) -> tuple[int, int, int, int]:
+    """(tiles along S, tiles per plane, tiles per split, splits) for a split plan.
+
+    Splits are recounted from the tiles each gets, so no program of the grid is empty.
+    """
+    n_tiles_s = cdiv(s, plan.block_s)
+    n_tiles = cdiv(n, plan.block_n) * n_tiles_s
+    per_split = cdiv(n_tiles, max(1, min(plan.splits, n_tiles)))
+    return n_tiles_s, n_tiles, per_split, cdiv(n_tiles, per_split)

@@ -1,0 +1,62 @@
+"""Argument checks for the batch-norm ops, run before any kernel so a rejected call changes nothing.
+
+Each check raises the exception type torch.nn.functional.batch_norm raises for the same input,
+with a message that says what was expected.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = ["check_batch_norm_args"]
+
+
+def _check_param(name: str, t, input: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.device != input.device:
+        raise RuntimeError(
+            f"batch_norm: expected all tensors to be on the same device, but input is on "
+            f"{input.device} and {name} is on {t.device}")
+    c = input.shape[1]
+    if t.numel() != c:
+        raise RuntimeError(f"batch_norm: {name} should contain {c} elements (one per channel), "
+                           f"not {t.numel()} (shape {tuple(t.shape)})")
+    if t.dtype not in (torch.float32, input.dtype):
+        raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}; expected float32 or the "
+                           f"input's dtype {input.dtype}")
+
+
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise RuntimeError(f"batch_norm: expected an input of shape (N, C, ...) with at least "
+                           f"2 dimensions, got {input.dim()}-D input of shape {tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}: '
+                                  f"tritonbn supports float16, bfloat16, float32 and float64")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("batch_norm: running_mean and running_var must either both be None "
+                         "or neither be None")
+    if not training and running_mean is None:
+        raise RuntimeError("batch_norm: running_mean and running_var must be given in "
+                           "evaluation mode (training=False)")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        _check_param(name, t, input)
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"batch_norm: momentum must be a float, got {type(momentum).__name__} "
+                        "(momentum=None, the cumulative average, is a module option)")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"batch_norm: eps must be a float, got {type(eps).__name__}")
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm: eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm: eps must be non-negative, but got {eps}")
+    if training and input.numel() == input.shape[1] and input.numel() > 0:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{tuple(input.shape)}")
