@@ -70,8 +70,13 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 @triton.jit
 def inv_std(var, eps):
-    """1 / sqrt(var + eps), correctly rounded square root."""
-    return 1.0 / tl.sqrt_rn(var + eps)
+    """1 / sqrt(var + eps) with a correctly rounded square root (sqrt_rn is float32-only;
+    float64 sqrt is always correctly rounded)."""
+    if var.dtype == tl.float64:
+        root = tl.sqrt(var + eps)
+    else:
+        root = tl.sqrt_rn(var + eps)
+    return 1.0 / root
 
 
 @triton.jit
