@@ -36,3 +36,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Show which Triton kernels the run exercised, and how often: proof the kernels ran."""
+    try:
+        from tritonbn import LAUNCHES
+    except Exception:  # pragma: no cover - import failure is reported by the tests themselves
+        return
+    terminalreporter.write_sep("-", "Triton kernel launches in this run")
+    if not LAUNCHES:
+        terminalreporter.write_line("none")
+    for name, count in sorted(LAUNCHES.items()):
+        terminalreporter.write_line(f"{name:28} {count:6d}")

@@ -1,0 +1,143 @@
+"""Command line: ``tritonbn demo`` (check against torch on this machine) and ``tritonbn info``
+(which plan a shape gets and why). Also ``python -m tritonbn``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}
+
+
+def _ensure_kernels_can_run(argv: list[str]) -> None:
+    """Without a GPU the kernels need Triton's interpreter, which must be on before triton is
+    imported: re-run this command with TRITON_INTERPRET=1."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "tritonbn", *argv], env)
+
+
+def _make(shape, dtype, layout, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def demo(args) -> int:
+    import tritonbn
+    from tritonbn import dispatch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else "CPU, Triton interpreter (TRITON_INTERPRET=1)")
+    print(f"tritonbn {tritonbn.__version__} | torch {torch.__version__} | "
+          f"triton {__import__('triton').__version__} | running on {where}")
+    shapes = [((8, 16, 12, 12), "contiguous"), ((8, 16, 12, 12), "channels_last"),
+              ((64, 48), "contiguous"), ((2, 4, 3, 8, 8), "channels_last"),
+              ((16, 8, 32, 32), "contiguous")]  # the last one is too big for one tile: split kernels
+    worst = 0.0
+    for i, (shape, layout) in enumerate(shapes):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = _make(shape, dtype, layout, device, i).requires_grad_()
+            c = shape[1]
+            w = torch.linspace(0.5, 1.5, c, device=device, requires_grad=True)
+            b = torch.linspace(-0.5, 0.5, c, device=device, requires_grad=True)
+            rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+            with tritonbn.count_launches() as launches:
+                y = tritonbn.batch_norm(x, rm, rv, w, b, training=True)
+                grad = _make(shape, dtype, "contiguous", device, 100 + i)
+                y.backward(grad)
+                y_eval = tritonbn.batch_norm(x.detach(), rm, rv, w.detach(), b.detach())
+            # torch on float64 copies is the yardstick
+            x64 = x.detach().double().requires_grad_()
+            w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+            rm64, rv64 = torch.zeros(c, device=device, dtype=torch.float64), torch.ones(
+                c, device=device, dtype=torch.float64)
+            y64 = torch.nn.functional.batch_norm(x64, rm64, rv64, w64, b64, training=True)
+            y64.backward(grad.double())
+            y64_eval = torch.nn.functional.batch_norm(x64.detach(), rm64, rv64, w64.detach(),
+                                                      b64.detach())
+            scale = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}[dtype]
+            errs = {
+                "y": (y.double() - y64).abs().max().item() / max(1.0, y64.abs().max().item()),
+                "eval": (y_eval.double() - y64_eval).abs().max().item()
+                / max(1.0, y64_eval.abs().max().item()),
+                "dx": (x.grad.double() - x64.grad).abs().max().item()
+                / max(1e-3, x64.grad.abs().max().item()),
+                "running_var": (rv.double() - rv64).abs().max().item(),
+            }
+            rel = max(errs.values()) / scale
+            worst = max(worst, rel)
+            kernels = ", ".join(f"{k.replace('bn_', '').replace('_kernel', '')} x{v}"
+                                for k, v in sorted(launches.items()))
+            print(f"  {str(tuple(shape)):18} {layout:13} {str(dtype)[6:]:8} "
+                  f"max err / dtype tolerance = {rel:5.2f}   kernels: {kernels}")
+            if not launches:
+                print("  no Triton kernel ran: this is a bug")
+                return 1
+    mode = dispatch.device_info(torch.device(device)).name
+    # within 10x the dtype's tolerance on every case (seen: below 1x)
+    if worst <= 10:
+        print(f"OK: tritonbn matches torch (float64) on every case; plans chosen for {mode}.")
+        return 0
+    print(f"MISMATCH: worst case is {worst:.1f}x the dtype's tolerance; plans chosen for {mode}.")
+    return 1
+
+
+def info(args) -> int:
+    from tritonbn import dispatch
+    from tritonbn.layout import max_offset, plane_view
+
+    shape = tuple(int(s) for s in args.shape.split(","))
+    dtype = DTYPES[args.dtype]
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if args.layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    view = plane_view(x.shape, [x])
+    if view is None:
+        print("strides have no plane view: the input would be copied to contiguous first")
+        x = x.contiguous()
+        view = plane_view(x.shape, [x])
+    device = dispatch.device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"device: {device.name} ({device.sm_count} SMs)")
+    print(f"input {shape} {args.dtype} {args.layout} -> plane view N={view.n} C={view.c} "
+          f"S={view.s} strides={view.strides[0]} channels_minor={view.channels_minor}")
+    for op in dispatch.OPS if args.op == "all" else [args.op]:
+        p = dispatch.make_plan(op, view.n, view.c, view.s, view.channels_minor, x.element_size(),
+                               max_offset(view), device)
+        grid = ""
+        if p.variant == "split":
+            _, n_tiles, per_split, splits = dispatch.grid_tiles(p, view.n, view.s)
+            grid = f" grid={-(-view.c // p.block_c)}x{splits} tiles/program={per_split}"
+        print(f"  {op:10} {p.variant:8} block(n,s,c)=({p.block_n},{p.block_s},{p.block_c}) "
+              f"warps={p.num_warps} int64={p.use_int64}{grid}\n             why: {p.reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="tritonbn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="check tritonbn against torch on this machine and show what ran")
+    p_info = sub.add_parser("info", help="show the plan a shape gets and why")
+    p_info.add_argument("--shape", required=True, help="comma-separated, e.g. 256,64,112,112")
+    p_info.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    p_info.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"])
+    p_info.add_argument("--op", default="all", choices=["all", "fwd_train", "fwd_eval",
+                                                         "bwd_train", "bwd_eval"])
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        _ensure_kernels_can_run(argv)
+        return demo(args)
+    return info(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
