@@ -19,7 +19,11 @@ def _ensure_kernels_can_run(argv: list[str]) -> None:
         return
     env = dict(os.environ, TRITON_INTERPRET="1")
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "tritonbn", *argv], env)
+    if os.path.basename(sys.argv[0]) == "__main__.py":
+        os.execve(sys.executable, [sys.executable, "-m", "tritonbn", *argv], env)
+    # The console script: re-run the script itself, not `-m`, which would put the current
+    # directory first on sys.path and pick up a source checkout over the installed package.
+    os.execve(sys.executable, [sys.executable, sys.argv[0], *argv], env)
 
 
 def _make(shape, dtype, layout, device, seed):
