@@ -11,7 +11,7 @@ order by every consumer program: deterministic, no atomics.
 import triton
 import triton.language as tl
 
-from .common import channel_offsets, tile_rows
+from .common import channel_offsets, tile_ptrs, tile_rows
 
 
 @triton.jit
@@ -50,8 +50,8 @@ def bn_bwd_partial_kernel(
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + (n * stride_xn + s * stride_xs)[:, None] + x_coff[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + (n * stride_dyn + s * stride_dys)[:, None] + dy_coff[None, :], mask=mask, other=0.0)
+        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
+        dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
         dy = dy.to(ACC)
         acc_dy += dy
         acc_dyxc += dy * tl.where(mask, x.to(ACC) - mean[None, :], 0.0)
@@ -122,14 +122,14 @@ def bn_bwd_apply_kernel(
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        dy = tl.load(DY + (n * stride_dyn + s * stride_dys)[:, None] + dy_coff[None, :], mask=mask, other=0.0)
+        dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
         dy = dy.to(ACC)
         if TRAINING:
-            x = tl.load(X + (n * stride_xn + s * stride_xs)[:, None] + x_coff[None, :], mask=mask, other=0.0)
+            x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
             dx = k_scale[None, :] * (dy - mean_dy[None, :]) - coef_xc[None, :] * (x.to(ACC) - mean[None, :])
         else:
             dx = k_scale[None, :] * dy
-        dx_ptrs = DX + (n * stride_dxn + s * stride_dxs)[:, None] + dx_coff[None, :]
+        dx_ptrs = tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs)
         tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -165,8 +165,8 @@ def bn_bwd_onepass_kernel(
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
-    x = tl.load(X + (n * stride_xn + s * stride_xs)[:, None] + x_coff[None, :], mask=mask, other=0.0)
-    dy = tl.load(DY + (n * stride_dyn + s * stride_dys)[:, None] + dy_coff[None, :], mask=mask, other=0.0)
+    x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
+    dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
     dy = dy.to(ACC)
     xc = tl.where(mask, x.to(ACC) - mean[None, :], 0.0)
     sum_dy = tl.sum(dy, axis=0)
@@ -184,5 +184,5 @@ def bn_bwd_onepass_kernel(
     else:
         dx = k_scale[None, :] * dy
     dx_coff = channel_offsets(c, stride_dxc, USE_INT64)
-    dx_ptrs = DX + (n * stride_dxn + s * stride_dxs)[:, None] + dx_coff[None, :]
+    dx_ptrs = tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs)
     tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)

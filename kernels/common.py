@@ -45,6 +45,12 @@ def channel_offsets(c, stride_c, USE_INT64: tl.constexpr):
 
 
 @triton.jit
+def tile_ptrs(BASE, n, s, c_off, stride_n, stride_s):
+    """Pointers of a [rows, BLOCK_C] tile: rows (n, s) from tile_rows, columns c_off."""
+    return BASE + (n * stride_n + s * stride_s)[:, None] + c_off[None, :]
+
+
+@triton.jit
 def tile_moments(x, mask, row_mask):
     """Count, mean and centered M2 of each column of a masked [rows, BLOCK_C] tile.
 

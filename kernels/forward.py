@@ -17,6 +17,7 @@ from .common import (
     inv_std,
     load_affine,
     tile_moments,
+    tile_ptrs,
     tile_rows,
     update_running,
 )
@@ -52,7 +53,7 @@ def bn_stats_partial_kernel(
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        x_ptrs = X + (n * stride_xn + s * stride_xs)[:, None] + x_coff[None, :]
+        x_ptrs = tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs)
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
         t_count, t_mean, t_m2 = tile_moments(x, mask, rmask)
         count, mean, m2 = chan_merge(count, mean, m2, t_count, t_mean, t_m2)
@@ -130,10 +131,10 @@ def bn_fwd_apply_kernel(
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(X + (n * stride_xn + s * stride_xs)[:, None] + x_coff[None, :], mask=mask, other=0.0)
+        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
         # (x - mean) first: exact for x near the mean, unlike x * scale + (b - mean * scale).
         y = (x.to(ACC) - mean[None, :]) * scale[None, :] + b[None, :]
-        y_ptrs = Y + (n * stride_yn + s * stride_ys)[:, None] + y_coff[None, :]
+        y_ptrs = tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys)
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -168,7 +169,7 @@ def bn_fwd_onepass_kernel(
     n, s, rmask = tile_rows(0, 1, N, S, BLOCK_N, BLOCK_S, USE_INT64)
     mask = rmask[:, None] & cmask[None, :]
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
-    x = tl.load(X + (n * stride_xn + s * stride_xs)[:, None] + x_coff[None, :], mask=mask, other=0.0)
+    x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
     x = x.to(ACC)
     count, mean, m2 = tile_moments(x, mask, rmask)
     invstd = inv_std(m2 / tl.maximum(count, 1.0), eps)
@@ -180,5 +181,5 @@ def bn_fwd_onepass_kernel(
     w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
     y = (x - mean[None, :]) * (w * invstd)[None, :] + b[None, :]
     y_coff = channel_offsets(c, stride_yc, USE_INT64)
-    y_ptrs = Y + (n * stride_yn + s * stride_ys)[:, None] + y_coff[None, :]
+    y_ptrs = tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys)
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
