@@ -59,8 +59,11 @@ def test_onepass_when_plane_fits_and_grid_fills():
     assert p.variant == "onepass" and p.block_s >= 256 and p.splits == 1
     assert p.tile <= dispatch.ONEPASS_MAX["fwd_train"]
     # the same plane on few channels and a big tensor would starve the GPU: split instead
-    p_few = _plan("fwd_train", 1, 4, 4096, minor=True, device=H100)
+    p_few = _plan("fwd_train", 1, 8, 1024, minor=True, device=H100)
     assert p_few.variant == "onepass"  # tiny tensor: launch-bound, one launch wins
+    # channels-last rows are never narrowed below 8 channels to fit (they would be gathers)
+    p_narrow = _plan("fwd_train", 1, 64, 4096, minor=True)
+    assert p_narrow.variant == "split" and p_narrow.block_c == 64
     p_big = _plan("fwd_train", 512, 8, 1024)
     assert p_big.variant == "split"
 
@@ -98,6 +101,12 @@ def test_grid_tiles_leaves_no_empty_split():
     n_tiles_s, n_tiles, per_split, splits = dispatch.grid_tiles(p, n=5, s=63)
     assert (n_tiles_s, n_tiles) == (4, 12)
     assert per_split * (splits - 1) < n_tiles <= per_split * splits
+
+
+def test_unaligned_tensors_get_fewer_elements_per_thread():
+    aligned = make_plan("bwd_train", 1, 64, 1 << 20, True, 2, 1 << 30, H100, aligned=True)
+    unaligned = make_plan("bwd_train", 1, 64, 1 << 20, True, 2, 1 << 30, H100, aligned=False)
+    assert unaligned.tile == aligned.tile and unaligned.num_warps == 2 * aligned.num_warps
 
 
 def test_every_plan_respects_its_limits():

@@ -1,5 +1,6 @@
-"""Command line: ``tritonbn demo`` (check against torch on this machine) and ``tritonbn info``
-(which plan a shape gets and why). Also ``python -m tritonbn``."""
+"""Command line: ``tritonbn demo`` (check against torch on this machine), ``tritonbn info``
+(which plan a shape gets and why) and ``tritonbn check-compile`` (compile every plan for real
+GPUs and gate on what the compiler reports). Also ``python -m tritonbn``."""
 from __future__ import annotations
 
 import argparse
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"])
     p_info.add_argument("--op", default="all", choices=["all", "fwd_train", "fwd_eval",
                                                          "bwd_train", "bwd_eval"])
+    sub.add_parser("check-compile", add_help=False,
+                   help="compile every kernel plan for sm_90a / sm_80 and report registers, "
+                        "spills, occupancy and access widths (see --help)")
+    if argv[:1] == ["check-compile"]:
+        from . import compile_check
+        return compile_check.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         _ensure_kernels_can_run(argv)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan", "interpreter_enabled"]
+__all__ = ["DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan", "planning_for",
+           "interpreter_enabled"]
 
 OPS = ("fwd_train", "fwd_eval", "bwd_train", "bwd_eval")
 
@@ -46,7 +47,23 @@ def _cuda_info(index: int) -> DeviceInfo:
     return DeviceInfo(props.name, props.multi_processor_count, (props.major, props.minor), False)
 
 
+_device_override: DeviceInfo | None = None
+
+
+@contextlib.contextmanager
+def planning_for(device: DeviceInfo):
+    """Plan as if for ``device`` (the compile check plans for GPUs it does not have)."""
+    global _device_override
+    previous, _device_override = _device_override, device
+    try:
+        yield
+    finally:
+        _device_override = previous
+
+
 def device_info(device: torch.device) -> DeviceInfo:
+    if _device_override is not None:
+        return _device_override
     if device.type == "cuda" and not interpreter_enabled():
         return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())
     return INTERPRETER
@@ -68,6 +85,12 @@ class Plan:
         return self.block_n * self.block_s * self.block_c
 
 
+def _warps(tile: int, aligned: bool) -> int:
+    """Warps for a tile: ELEMS_PER_THREAD elements per thread (half that when unaligned), 4-16."""
+    per_thread = ELEMS_PER_THREAD if aligned else ELEMS_PER_THREAD // 2
+    return max(4, min(16, tile // (32 * per_thread)))
+
+
 def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -76,9 +99,9 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-# Elements a split-kernel tile loads per loop iteration on a GPU. 4096 elements over 4 warps is
-# 32 per thread: for half that is four 16-byte loads in flight per thread, enough with a few
-# resident programs per SM to cover HBM latency, and few enough registers to keep occupancy.
+# Elements a split-kernel tile loads per loop iteration on a GPU. 4096 elements over 8 warps
+# (ELEMS_PER_THREAD below) is 16 per thread: for half that is two 16-byte loads in flight per
+# thread and tensor, which with a few resident programs per SM covers HBM latency.
 GPU_TILE = 4096
 # Interpreter tiles: as large as tests allow, since each iteration costs fixed numpy overhead.
 INTERPRETER_TILE = 16384
@@ -92,6 +115,14 @@ MAX_BLOCK_C = 64
 # float32 result. 8192 elements over 8 warps is 32 values per thread per tensor, inside the
 # 255-register budget without spilling; backward holds two inputs, so half of that.
 ONEPASS_MAX = {"fwd_train": 8192, "bwd_train": 4096, "bwd_eval": 4096}
+# Narrowest channel block for channels-last tensors: 8 half values are one 16-byte access.
+MIN_MINOR_BLOCK_C = 8
+# At most 16 tile elements per thread: the backward partial kernel keeps two float32
+# accumulators per element, and at 32 per thread (4096 elements, 4 warps) the compile check saw
+# 207 registers and 12% occupancy on sm_90; at 8 warps it stays near half of that.
+# Unaligned tensors are moved with scalar accesses, one 64-bit address per element: there the
+# compile check saw 8-16 B spills in the backward kernels at 16 per thread and none at 8.
+ELEMS_PER_THREAD = 16
 # Below this many elements a launch costs more than the bytes, so one launch beats a full grid.
 LAUNCH_BOUND_ELEMS = 1 << 20
 # 64-bit offsets cost an extra multiply-add per address; only used when 32 bits can overflow.
@@ -116,8 +147,14 @@ def forced_plan(**fields):
 
 
 def make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,
-              max_offset: int, device: DeviceInfo) -> Plan:
-    plan = _make_plan(op, n, c, s, channels_minor, elem_bytes, max_offset > INT32_LIMIT, device)
+              max_offset: int, device: DeviceInfo, aligned: bool = True) -> Plan:
+    """The plan for one op on a canonical (n, c, s) plane.
+
+    ``aligned``: every activation pointer is 16-byte aligned and every non-unit stride a
+    multiple of 16 bytes, so the compiler can vectorize; otherwise accesses are scalar.
+    """
+    plan = _make_plan(op, n, c, s, channels_minor, elem_bytes, max_offset > INT32_LIMIT, device,
+                      aligned)
     if _forced:
         plan = _apply_forced(plan, n, s)
     return plan
@@ -138,7 +175,7 @@ def _apply_forced(plan: Plan, n: int, s: int) -> Plan:
 
 @functools.lru_cache(maxsize=4096)
 def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,
-               use_int64: bool, device: DeviceInfo) -> Plan:
+               use_int64: bool, device: DeviceInfo, aligned: bool) -> Plan:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     tile = INTERPRETER_TILE if device.interpreter else GPU_TILE
@@ -148,13 +185,16 @@ def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes
         # Channel planes are separate streams (NCHW): one channel per program, positions vectorized.
         block_c = 1
     c_blocks = cdiv(c, block_c)
-    num_warps = 8 if tile * elem_bytes >= 16384 else 4
 
     onepass_max = ONEPASS_MAX.get(op)
     if onepass_max is not None:
         plane = _pow2(n) * _pow2(s)
         bc = block_c
-        while bc > 1 and plane * bc > onepass_max:
+        # Channels-last rows narrower than 8 channels turn into 2- and 4-byte gathers
+        # (compile check: the one-pass backward at 1 channel per program moved half values
+        # with 2-byte loads and used a stack frame), so stop halving at 8.
+        min_bc = min(block_c, MIN_MINOR_BLOCK_C) if channels_minor else 1
+        while bc > min_bc and plane * bc > onepass_max:
             bc //= 2  # fewer channels per program before giving up on one pass
         if plane * bc <= onepass_max:
             grid = cdiv(c, bc)
@@ -162,7 +202,7 @@ def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes
             tiny = n * c * s <= LAUNCH_BOUND_ELEMS
             if fills or tiny:
                 why = "plane fits one tile; " + ("grid fills the GPU" if fills else "launch-bound size")
-                return Plan("onepass", _pow2(n), _pow2(s), bc, 1, 8 if plane * bc >= 4096 else 4,
+                return Plan("onepass", _pow2(n), _pow2(s), bc, 1, _warps(plane * bc, aligned),
                             use_int64, why)
 
     # Split plan: tile the plane, spreading positions first (they are contiguous for NCHW and
@@ -174,7 +214,8 @@ def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes
     target = PROGRAMS_PER_SM * device.sm_count
     splits = max(1, min(n_tiles, cdiv(target, c_blocks)))
     why = f"plane of {n * s} needs {n_tiles} tiles; {splits} split(s) x {c_blocks} channel block(s)"
-    return Plan("split", block_n, block_s, block_c, splits, num_warps, use_int64, why)
+    return Plan("split", block_n, block_s, block_c, splits,
+                _warps(block_n * block_s * block_c, aligned), use_int64, why)
 
 
 def grid_tiles(plan: Plan, n: int, s: int) -> tuple[int, int, int, int]:

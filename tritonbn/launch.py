@@ -22,7 +22,7 @@ from .kernels import (
 )
 from .layout import max_offset, output_memory_format, plane_view
 
-__all__ = ["LAUNCHES", "count_launches", "acc_dtype", "forward", "backward"]
+__all__ = ["LAUNCHES", "count_launches", "capture_launches", "acc_dtype", "forward", "backward"]
 
 LAUNCHES: collections.Counter = collections.Counter()
 
@@ -47,9 +47,31 @@ def _tl(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+_captured: list | None = None
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record the launches the launchers would make instead of making them.
+
+    Yields a list of (kernel, grid, args, kwargs). Used by the compile check to compile exactly
+    the specializations real calls produce (tensors may be on the meta device).
+    """
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
 def _launch(kernel, grid, *args, plan: dispatch.Plan, **constexprs):
-    kernel[grid](*args, BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
-                 USE_INT64=plan.use_int64, num_warps=plan.num_warps, **constexprs)
+    kwargs = dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
+                  USE_INT64=plan.use_int64, num_warps=plan.num_warps, **constexprs)
+    if _captured is not None:
+        _captured.append((kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
     LAUNCHES[kernel.fn.__name__] += 1
 
 
@@ -63,9 +85,17 @@ def _view_or_copy(x: torch.Tensor, others: list[torch.Tensor]):
     return view, x, others
 
 
-def _plan(op: str, view, x: torch.Tensor) -> dispatch.Plan:
+def _aligned(view, tensors: list[torch.Tensor]) -> bool:
+    """16-byte aligned pointers and strides (in bytes) for every activation: vectorizable."""
+    size = tensors[0].element_size()
+    return (all(t.data_ptr() % 16 == 0 for t in tensors)
+            and all(st in (0, 1) or (st * size) % 16 == 0 for sts in view.strides for st in sts))
+
+
+def _plan(op: str, view, x: torch.Tensor, tensors: list[torch.Tensor]) -> dispatch.Plan:
     return dispatch.make_plan(op, view.n, view.c, view.s, view.channels_minor, x.element_size(),
-                              max_offset(view), dispatch.device_info(x.device))
+                              max_offset(view), dispatch.device_info(x.device),
+                              _aligned(view, tensors))
 
 
 def forward(x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
@@ -88,7 +118,7 @@ def forward(x, weight, bias, running_mean, running_var, training: bool, momentum
     rv = running_var.contiguous() if running_var is not None else save_invstd
     w = weight.contiguous() if weight is not None else save_mean
     b = bias.contiguous() if bias is not None else save_mean
-    plan = _plan("fwd_train" if training else "fwd_eval", view, x)
+    plan = _plan("fwd_train" if training else "fwd_eval", view, x, [x, y])
     (sxn, sxc, sxs), (syn, syc, sys_) = view.strides
     common = dict(ACC=_tl(acc), HAS_W=weight is not None, HAS_B=bias is not None, plan=plan)
     c_blocks = dispatch.cdiv(c, plan.block_c)
@@ -132,7 +162,7 @@ def backward(dy, x, weight, save_mean, save_invstd, training: bool, need_sums: b
     w = weight.contiguous() if weight is not None else save_mean
     # Eval backward without parameter grads is one element-wise pass, planned like eval forward.
     op = "bwd_train" if training else ("bwd_eval" if need_sums else "fwd_eval")
-    plan = _plan(op, view, x)
+    plan = _plan(op, view, x, [x, dy, dx])
     (sxn, sxc, sxs), (sdn, sdc, sds), (sgn, sgc, sgs) = view.strides
     strides = (sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs)
     c_blocks = dispatch.cdiv(c, plan.block_c)
