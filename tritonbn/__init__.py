@@ -1,8 +1,13 @@
 """tritonbn: batch normalization for PyTorch as hand-written Triton kernels, mixed precision."""
+from .convert import convert_model, restore_model
+from .fold import fold_into_conv
 from .functional import batch_norm
 from .launch import LAUNCHES, count_launches
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormNd
 from .reference import batch_norm_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["batch_norm", "batch_norm_reference", "count_launches", "LAUNCHES", "__version__"]
+__all__ = ["batch_norm", "batch_norm_reference", "count_launches", "LAUNCHES", "__version__",
+           "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd",
+           "convert_model", "restore_model", "fold_into_conv"]

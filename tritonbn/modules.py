@@ -1,0 +1,81 @@
+"""nn.Module drop-ins: tritonbn.BatchNorm1d / 2d / 3d and BatchNormNd.
+
+Each class subclasses the torch.nn class it replaces and overrides ``forward`` only, so it has
+torch's constructor (whatever arguments the installed torch version takes), parameters, buffers,
+state_dict keys and version, ``reset_running_stats``, ``extra_repr`` and ``_check_input_dim``.
+Adding no state of their own is also what lets ``tritonbn.convert_model`` convert a torch module
+in place by changing its class.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .functional import batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd"]
+
+
+def _average_factor(module: _BatchNorm) -> float:
+    """The momentum handed to the op; counts the batch when running statistics are tracked.
+
+    Follows torch's ``_BatchNorm.forward``: with ``momentum=None`` the running statistics are
+    the cumulative average of all batches, i.e. the factor is 1 / num_batches_tracked after
+    counting this batch. The factor does not matter when nothing is updated. Reading the count
+    as a float is data-dependent, so momentum=None does not trace with fullgraph=True -- nor
+    does it in torch's own module.
+    """
+    factor = 0.0 if module.momentum is None else module.momentum
+    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            factor = 1.0 / float(module.num_batches_tracked)
+    return factor
+
+
+class _TritonBatchNormMixin:
+    """The forward shared by every tritonbn batch-norm module: torch's logic, tritonbn's op."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        factor = _average_factor(self)
+        # Batch statistics normalize in training, and in eval when there are no running buffers.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Running buffers are passed when they are updated (training and tracking) or read (eval);
+        # a module whose track_running_stats was switched off keeps its buffers untouched.
+        pass_running = not self.training or self.track_running_stats
+        running_mean: Optional[Tensor] = self.running_mean if pass_running else None
+        running_var: Optional[Tensor] = self.running_var if pass_running else None
+        return batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                          use_batch_stats, factor, self.eps)
+
+
+class BatchNorm1d(_TritonBatchNormMixin, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on (N, C) or (N, C, L) input, computed by tritonbn's Triton kernels."""
+
+
+class BatchNorm2d(_TritonBatchNormMixin, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on (N, C, H, W) input, computed by tritonbn's Triton kernels."""
+
+
+class BatchNorm3d(_TritonBatchNormMixin, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on (N, C, D, H, W) input, computed by tritonbn's Triton kernels."""
+
+
+class BatchNormNd(_TritonBatchNormMixin, _BatchNorm):
+    """Batch norm over dim 1 of any input with 2 or more dims, computed by tritonbn's kernels.
+
+    This is what ``tritonbn.convert_model`` turns a ``torch.nn.SyncBatchNorm`` into: SyncBatchNorm
+    does not know its input's dimensionality either, and on a single process it is plain batch
+    norm. BatchNormNd never synchronizes statistics across processes; convert_model leaves a
+    SyncBatchNorm alone when a process group of more than one process would be used.
+    A converted module keeps SyncBatchNorm's ``process_group`` attribute, so
+    ``tritonbn.restore_model`` can turn it back.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
