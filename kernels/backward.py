@@ -1,33 +1,59 @@
-"""Backward kernels: per-channel sums of dy and dy * x_hat, then grad_input.
+"""Backward kernels: per-channel sums of dz and dz * x_hat, then grad_input (and grad_residual).
 
-With x_hat = (x - mean) * invstd, M elements per channel and k = gamma * invstd:
-  grad_bias   = sum(dy)
-  grad_weight = sum(dy * x_hat)
-  grad_input  = k * (dy - sum(dy) / M - x_hat * sum(dy * x_hat) / M)   (training)
-  grad_input  = k * dy                                                (eval: stats are constants)
+The forward computed y = act(z), z = gain * (x - mean) + shift + residual with
+gain = gamma * invstd * r and shift = beta + gamma * d (r = 1, d = 0 unless renormalizing).
+Here z is recomputed from x and the saved float32 statistics (no pre-activation tensor is saved),
+dz = dy * act'(z) is the residual's gradient, and with x_hat = (x - mean) * invstd, M elements
+per channel and k = gamma * r * invstd:
+  grad_bias   = sum(dz)
+  grad_weight = r * sum(dz * x_hat) + d * sum(dz)
+  grad_input  = k * (dz - sum(dz) / M - x_hat * sum(dz * x_hat) / M)   (training)
+  grad_input  = k * dz                                                (eval: stats are constants)
 The sums are float32 (float64 for float64 input) partials per (split, channel), summed in split
 order by every consumer program: deterministic, no atomics.
 """
 import triton
 import triton.language as tl
 
-from .common import channel_offsets, tile_ptrs, tile_rows
+from .activations import activate_grad
+from .common import channel_offsets, load_affine, load_renorm, preactivation, tile_ptrs, tile_rows
+
+
+@triton.jit
+def _grad_preact(dy, x, res, mean, gain, shift, ACT: tl.constexpr, slope):
+    """dz = dy * act'(z) with z recomputed; dy itself when there is no activation."""
+    if ACT == 0:
+        dz = dy
+    else:
+        dz = dy * activate_grad(preactivation(x, mean, gain, shift, res), ACT, slope)
+    return dz
 
 
 @triton.jit
 def bn_bwd_partial_kernel(
     X,                  # pointer to the forward input, canonical view (N, C, S)
     DY,                 # pointer to the output gradient, same view, own strides (may be 0)
+    RES,                # pointer to the forward residual, or dummy
     MEAN,               # pointer to the saved mean (C,), ACC
     INVSTD,             # pointer to the saved inverse std (C,), ACC
-    PART,               # pointer to partial sums, (2, n_splits, C) in ACC: sum dy, sum dy*x_hat
+    W,                  # pointer to gamma (C,) or dummy
+    B,                  # pointer to beta (C,) or dummy
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or dummy
+    PART,               # pointer to partial sums, (2, n_splits, C) in ACC: sum dz, sum dz*x_hat
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_dyn, stride_dyc, stride_dys,
+    stride_rn, stride_rc, stride_rs,
     n_tiles_s,          # tiles along S
     n_tiles,            # tiles in a channel's plane
     tiles_per_split,    # consecutive tiles handled by one program
+    slope,              # leaky_relu negative slope
     ACC: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -39,37 +65,52 @@ def bn_bwd_partial_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
+    gain = w * invstd * r
+    shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
+    r_coff = channel_offsets(c, stride_rc, USE_INT64)
 
     # Element-wise accumulators, reduced once at the end: fixed order, one tree per program.
-    acc_dy = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
-    acc_dyxc = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
+    acc_dz = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
+    acc_dzxc = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
+        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
         dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
-        dy = dy.to(ACC)
-        acc_dy += dy
-        acc_dyxc += dy * tl.where(mask, x.to(ACC) - mean[None, :], 0.0)
+        if HAS_RES:
+            res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
+            res = res.to(ACC)
+        else:
+            res = 0.0
+        dz = _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, slope)
+        dz = tl.where(mask, dz, 0.0)
+        acc_dz += dz
+        acc_dzxc += dz * (x - mean[None, :])
 
-    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
     base = pid_k * C + c
-    tl.store(PART + base, tl.sum(acc_dy, axis=0), mask=cmask)
-    tl.store(PART + n_splits * C + base, tl.sum(acc_dyxc, axis=0) * invstd, mask=cmask)
+    tl.store(PART + base, tl.sum(acc_dz, axis=0), mask=cmask)
+    tl.store(PART + n_splits * C + base, tl.sum(acc_dzxc, axis=0) * invstd, mask=cmask)
 
 
 @triton.jit
 def bn_bwd_apply_kernel(
-    X,                  # pointer to the forward input (read in training only)
+    X,                  # pointer to the forward input (read in training or with an activation)
     DY,                 # pointer to the output gradient
     DX,                 # pointer to the input gradient (written)
+    RES,                # pointer to the forward residual, or dummy
+    DRES,               # pointer to the residual gradient (written with an activation), or dummy
     MEAN,               # pointer to the saved mean (C,), ACC
     INVSTD,             # pointer to the saved inverse std (C,), ACC
     W,                  # pointer to gamma (C,) or dummy
+    B,                  # pointer to beta (C,) or dummy
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or dummy
     PART,               # pointer to the (2, n_part_splits, C) partial sums, or dummy
     DW,                 # pointer to grad_weight (C,), ACC, or dummy
     DB,                 # pointer to grad_bias (C,), ACC, or dummy
@@ -77,14 +118,22 @@ def bn_bwd_apply_kernel(
     stride_xn, stride_xc, stride_xs,
     stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
+    stride_rn, stride_rc, stride_rs,
+    stride_drn, stride_drc, stride_drs,
     n_tiles_s,
     n_tiles,
     tiles_per_split,
     n_part_splits,      # splits in PART (0 when the sums are not needed)
+    slope,              # leaky_relu negative slope
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,         # batch statistics: dx has the mean terms
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    RENORM: tl.constexpr,
     WRITE_SUMS: tl.constexpr,       # store grad_weight / grad_bias
+    WRITE_DRES: tl.constexpr,       # store dz as the residual gradient
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -94,29 +143,31 @@ def bn_bwd_apply_kernel(
     pid_k = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    sum_dy = tl.zeros((BLOCK_C,), ACC)
-    sum_dyxhat = tl.zeros((BLOCK_C,), ACC)
+    sum_dz = tl.zeros((BLOCK_C,), ACC)
+    sum_dzxhat = tl.zeros((BLOCK_C,), ACC)
     for k in range(0, n_part_splits):
-        sum_dy += tl.load(PART + k * C + c, mask=cmask, other=0.0)
-        sum_dyxhat += tl.load(PART + (n_part_splits + k) * C + c, mask=cmask, other=0.0)
-    if WRITE_SUMS:
-        if pid_k == 0:
-            tl.store(DW + c, sum_dyxhat, mask=cmask)
-            tl.store(DB + c, sum_dy, mask=cmask)
+        sum_dz += tl.load(PART + k * C + c, mask=cmask, other=0.0)
+        sum_dzxhat += tl.load(PART + (n_part_splits + k) * C + c, mask=cmask, other=0.0)
 
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
-    if HAS_W:
-        k_scale = tl.load(W + c, mask=cmask, other=0.0).to(ACC) * invstd
-    else:
-        k_scale = invstd
+    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
+    if WRITE_SUMS:
+        if pid_k == 0:
+            tl.store(DW + c, r * sum_dzxhat + d * sum_dz, mask=cmask)
+            tl.store(DB + c, sum_dz, mask=cmask)
+    gain = w * invstd * r
+    shift = b + w * d
     inv_m = 1.0 / ((tl.zeros((BLOCK_C,), ACC) + N) * S)  # N, S may be specialized to 1
-    mean_dy = sum_dy * inv_m
-    coef_xc = k_scale * invstd * sum_dyxhat * inv_m
+    mean_dz = sum_dz * inv_m
+    coef_xc = gain * invstd * sum_dzxhat * inv_m
 
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
     dx_coff = channel_offsets(c, stride_dxc, USE_INT64)
+    r_coff = channel_offsets(c, stride_rc, USE_INT64)
+    dr_coff = channel_offsets(c, stride_drc, USE_INT64)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
@@ -124,13 +175,26 @@ def bn_bwd_apply_kernel(
         mask = rmask[:, None] & cmask[None, :]
         dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
         dy = dy.to(ACC)
-        if TRAINING:
+        if TRAINING or ACT != 0:
             x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
-            dx = k_scale[None, :] * (dy - mean_dy[None, :]) - coef_xc[None, :] * (x.to(ACC) - mean[None, :])
+            x = x.to(ACC)
         else:
-            dx = k_scale[None, :] * dy
-        dx_ptrs = tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs)
-        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
+            x = 0.0
+        if HAS_RES and ACT != 0:
+            res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
+            res = res.to(ACC)
+        else:
+            res = 0.0
+        dz = _grad_preact(dy, x, res, mean, gain, shift, ACT, slope)
+        if TRAINING:
+            dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * (x - mean[None, :])
+        else:
+            dx = gain[None, :] * dz
+        tl.store(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx.to(DX.dtype.element_ty),
+                 mask=mask)
+        if WRITE_DRES:
+            tl.store(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs),
+                     dz.to(DRES.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -138,18 +202,30 @@ def bn_bwd_onepass_kernel(
     X,                  # pointer to the forward input, canonical view (N, C, S)
     DY,                 # pointer to the output gradient
     DX,                 # pointer to the input gradient (written)
+    RES,                # pointer to the forward residual, or dummy
+    DRES,               # pointer to the residual gradient (written with an activation), or dummy
     MEAN,               # pointer to the saved mean (C,), ACC
     INVSTD,             # pointer to the saved inverse std (C,), ACC
     W,                  # pointer to gamma (C,) or dummy
+    B,                  # pointer to beta (C,) or dummy
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or dummy
     DW,                 # pointer to grad_weight (C,), ACC
     DB,                 # pointer to grad_bias (C,), ACC
     N, C, S,            # canonical sizes; N <= BLOCK_N and S <= BLOCK_S
     stride_xn, stride_xc, stride_xs,
     stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
+    stride_rn, stride_rc, stride_rs,
+    stride_drn, stride_drc, stride_drs,
+    slope,              # leaky_relu negative slope
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,
     HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    RENORM: tl.constexpr,
+    WRITE_DRES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -163,26 +239,37 @@ def bn_bwd_onepass_kernel(
     mask = rmask[:, None] & cmask[None, :]
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
+    gain = w * invstd * r
+    shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
-    x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
+    x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
     dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
-    dy = dy.to(ACC)
-    xc = tl.where(mask, x.to(ACC) - mean[None, :], 0.0)
-    sum_dy = tl.sum(dy, axis=0)
-    sum_dyxhat = tl.sum(dy * xc, axis=0) * invstd
-    tl.store(DW + c, sum_dyxhat, mask=cmask)
-    tl.store(DB + c, sum_dy, mask=cmask)
-
-    if HAS_W:
-        k_scale = tl.load(W + c, mask=cmask, other=0.0).to(ACC) * invstd
+    if HAS_RES and ACT != 0:
+        r_coff = channel_offsets(c, stride_rc, USE_INT64)
+        res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
+        res = res.to(ACC)
     else:
-        k_scale = invstd
+        res = 0.0
+    dz = tl.where(mask, _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, slope), 0.0)
+    xc = tl.where(mask, x - mean[None, :], 0.0)
+    sum_dz = tl.sum(dz, axis=0)
+    sum_dzxhat = tl.sum(dz * xc, axis=0) * invstd
+    tl.store(DW + c, r * sum_dzxhat + d * sum_dz, mask=cmask)
+    tl.store(DB + c, sum_dz, mask=cmask)
+
     if TRAINING:
         inv_m = 1.0 / ((tl.zeros((BLOCK_C,), ACC) + N) * S)  # N, S may be specialized to 1
-        dx = k_scale[None, :] * (dy - (sum_dy * inv_m)[None, :]) - (k_scale * invstd * sum_dyxhat * inv_m)[None, :] * xc
+        dx = gain[None, :] * (dz - (sum_dz * inv_m)[None, :]) \
+            - (gain * invstd * sum_dzxhat * inv_m)[None, :] * xc
     else:
-        dx = k_scale[None, :] * dy
+        dx = gain[None, :] * dz
     dx_coff = channel_offsets(c, stride_dxc, USE_INT64)
-    dx_ptrs = tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs)
-    tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx.to(DX.dtype.element_ty),
+             mask=mask)
+    if WRITE_DRES:
+        dr_coff = channel_offsets(c, stride_drc, USE_INT64)
+        tl.store(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs),
+                 dz.to(DRES.dtype.element_ty), mask=mask)

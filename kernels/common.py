@@ -118,3 +118,74 @@ def load_affine(W, B, c, cmask, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: t
     else:
         b = tl.zeros(c.shape, ACC)
     return w, b
+
+
+@triton.jit
+def renorm_correction(
+    STAT_MEAN,          # pointer to the running mean as it was before this step, (C,)
+    STAT_VAR,           # pointer to the running variance as it was before this step, (C,)
+    c, cmask,           # channel indices and which exist
+    mean,               # batch mean, (BLOCK_C,), ACC
+    invstd,             # batch 1 / sqrt(var + eps), (BLOCK_C,), ACC
+    eps, rmax, dmax,
+):
+    """Batch Renormalization's r and d (Ioffe 2017), clipped to [1/rmax, rmax] and [-dmax, dmax].
+
+    sigma = sqrt(running_var + eps); r = sigma_batch / sigma; d = (mean - running_mean) / sigma.
+    """
+    rm = tl.load(STAT_MEAN + c, mask=cmask, other=0.0).to(mean.dtype)
+    rv = tl.load(STAT_VAR + c, mask=cmask, other=1.0).to(mean.dtype)
+    inv_sigma = inv_std(rv, eps)
+    r = tl.minimum(tl.maximum(inv_sigma / invstd, 1.0 / rmax), rmax)
+    d = tl.minimum(tl.maximum((mean - rm) * inv_sigma, -dmax), dmax)
+    return r, d
+
+
+@triton.jit
+def load_renorm(SAVE_RD, c, cmask, C, ACC: tl.constexpr, RENORM: tl.constexpr):
+    """r and d saved by the forward pass ((2, C) in ACC), or 1 and 0 without renormalization."""
+    if RENORM:
+        r = tl.load(SAVE_RD + c, mask=cmask, other=1.0).to(ACC)
+        d = tl.load(SAVE_RD + C + c, mask=cmask, other=0.0).to(ACC)
+    else:
+        r = tl.full(c.shape, 1.0, ACC)
+        d = tl.zeros(c.shape, ACC)
+    return r, d
+
+
+@triton.jit
+def finish_batch_stats(
+    count, mean, m2,            # merged (count, mean, M2) of the channels in c, ACC
+    c, cmask, C,
+    RUN_MEAN, RUN_VAR,          # running statistics to update (when UPDATE_RUNNING)
+    STAT_MEAN, STAT_VAR,        # running statistics as before this step (read by RENORM)
+    SAVE_MEAN, SAVE_INVSTD,     # (C,) ACC outputs
+    SAVE_RD,                    # (2, C) ACC output: renorm r and d
+    write,                      # whether this program writes the per-channel outputs
+    momentum, eps, rmax, dmax,
+    UPDATE_RUNNING: tl.constexpr,
+    RENORM: tl.constexpr,
+):
+    """Batch 1/std (and renorm r, d) from merged moments; one program per channel writes them."""
+    invstd = inv_std(m2 / tl.maximum(count, 1.0), eps)
+    if RENORM:
+        r, d = renorm_correction(STAT_MEAN, STAT_VAR, c, cmask, mean, invstd, eps, rmax, dmax)
+    else:
+        r = tl.full(c.shape, 1.0, mean.dtype)
+        d = tl.zeros(c.shape, mean.dtype)
+    if write:
+        tl.store(SAVE_MEAN + c, mean, mask=cmask)
+        tl.store(SAVE_INVSTD + c, invstd, mask=cmask)
+        if RENORM:
+            tl.store(SAVE_RD + c, r, mask=cmask)
+            tl.store(SAVE_RD + C + c, d, mask=cmask)
+        if UPDATE_RUNNING:
+            update_running(RUN_MEAN, RUN_VAR, c, cmask, mean, m2, count, momentum)
+    return invstd, r, d
+
+
+@triton.jit
+def preactivation(x, mean, gain, shift, res):
+    """gain * (x - mean) + shift + res on a [rows, BLOCK_C] tile in ACC: the value the activation
+    sees. (x - mean) first: exact for x near the mean, unlike x * gain + (shift - mean * gain)."""
+    return (x - mean[None, :]) * gain[None, :] + shift[None, :] + res

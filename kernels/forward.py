@@ -1,4 +1,4 @@
-"""Forward kernels: split statistics, normalize (+affine), and a one-pass kernel.
+"""Forward kernels: split statistics, normalize (+affine, residual, activation), and a one-pass kernel.
 
 Training runs either
   * ``bn_stats_partial_kernel`` (grid: channel blocks x splits) writing float32
@@ -7,19 +7,24 @@ Training runs either
   * ``bn_fwd_onepass_kernel`` when a channel block's whole N x S plane fits one tile: x is read
     once, statistics and output come from registers.
 Evaluation runs ``bn_fwd_apply_kernel`` alone with the running statistics.
+
+The output is act(gain * (x - mean) + shift + residual) with gain = gamma * invstd * r and
+shift = beta + gamma * d, where r = 1 and d = 0 except under batch renormalization.
 """
 import triton
 import triton.language as tl
 
+from .activations import activate
 from .common import (
     chan_merge,
     channel_offsets,
+    finish_batch_stats,
     inv_std,
     load_affine,
+    preactivation,
     tile_moments,
     tile_ptrs,
     tile_rows,
-    update_running,
 )
 
 
@@ -53,8 +58,7 @@ def bn_stats_partial_kernel(
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        x_ptrs = tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs)
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
         t_count, t_mean, t_m2 = tile_moments(x, mask, rmask)
         count, mean, m2 = chan_merge(count, mean, m2, t_count, t_mean, t_m2)
 
@@ -68,27 +72,37 @@ def bn_stats_partial_kernel(
 def bn_fwd_apply_kernel(
     X,                  # pointer to the input activation, canonical view (N, C, S)
     Y,                  # pointer to the output activation, same view, own strides
+    RES,                # pointer to the residual added before the activation, or dummy
     PART,               # pointer to the (3, n_part_splits, C) partials (training only)
-    RUN_MEAN,           # pointer to running mean (C,) or dummy; read in eval, updated in training
+    RUN_MEAN,           # pointer to running mean (C,) or dummy: updated in training
     RUN_VAR,            # pointer to running variance (C,) or dummy
+    STAT_MEAN,          # pointer to running mean as before this step: eval stats, renorm r/d
+    STAT_VAR,           # pointer to running variance as before this step
     W,                  # pointer to gamma (C,) or dummy
     B,                  # pointer to beta (C,) or dummy
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
     SAVE_INVSTD,        # pointer to the saved 1/sqrt(var + eps) (C,), ACC
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or dummy
     N, C, S,            # canonical sizes
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
+    stride_rn, stride_rc, stride_rs,   # element strides of RES
     n_tiles_s,          # tiles along S
     n_tiles,            # tiles in a channel's plane
     tiles_per_split,    # consecutive tiles handled by one program
     n_part_splits,      # splits in PART
     momentum,           # running-statistics momentum
     eps,                # added to the variance
+    slope,              # leaky_relu negative slope
+    rmax, dmax,         # batch renorm clipping limits
     ACC: tl.constexpr,
-    TRAINING: tl.constexpr,         # statistics from PART (else from RUN_MEAN / RUN_VAR)
+    TRAINING: tl.constexpr,         # statistics from PART (else from STAT_MEAN / STAT_VAR)
     UPDATE_RUNNING: tl.constexpr,   # training with running statistics present
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,              # activation code (kernels.activations.ACTIVATIONS)
+    RENORM: tl.constexpr,           # batch renormalization (training only)
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -111,29 +125,36 @@ def bn_fwd_apply_kernel(
             p_mean = tl.load(PART + n_part_splits * C + base, mask=cmask, other=0.0)
             p_m2 = tl.load(PART + 2 * n_part_splits * C + base, mask=cmask, other=0.0)
             count, mean, m2 = chan_merge(count, mean, m2, p_count, p_mean, p_m2)
-        invstd = inv_std(m2 / tl.maximum(count, 1.0), eps)
-        if UPDATE_RUNNING:
-            if pid_k == 0:
-                update_running(RUN_MEAN, RUN_VAR, c, cmask, mean, m2, count, momentum)
+        invstd, r, d = finish_batch_stats(
+            count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, STAT_MEAN, STAT_VAR, SAVE_MEAN,
+            SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum, eps, rmax, dmax, UPDATE_RUNNING, RENORM)
     else:
-        mean = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(ACC)
-        invstd = inv_std(tl.load(RUN_VAR + c, mask=cmask, other=1.0).to(ACC), eps)
-    if pid_k == 0:
-        tl.store(SAVE_MEAN + c, mean, mask=cmask)
-        tl.store(SAVE_INVSTD + c, invstd, mask=cmask)
+        mean = tl.load(STAT_MEAN + c, mask=cmask, other=0.0).to(ACC)
+        invstd = inv_std(tl.load(STAT_VAR + c, mask=cmask, other=1.0).to(ACC), eps)
+        r = tl.full((BLOCK_C,), 1.0, ACC)
+        d = tl.zeros((BLOCK_C,), ACC)
+        if pid_k == 0:
+            tl.store(SAVE_MEAN + c, mean, mask=cmask)
+            tl.store(SAVE_INVSTD + c, invstd, mask=cmask)
 
     w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
-    scale = w * invstd
+    gain = w * invstd * r
+    shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     y_coff = channel_offsets(c, stride_yc, USE_INT64)
+    r_coff = channel_offsets(c, stride_rc, USE_INT64)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
-        # (x - mean) first: exact for x near the mean, unlike x * scale + (b - mean * scale).
-        y = (x.to(ACC) - mean[None, :]) * scale[None, :] + b[None, :]
+        if HAS_RES:
+            res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
+            res = res.to(ACC)
+        else:
+            res = 0.0
+        y = activate(preactivation(x.to(ACC), mean, gain, shift, res), ACT, slope)
         y_ptrs = tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys)
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -142,21 +163,31 @@ def bn_fwd_apply_kernel(
 def bn_fwd_onepass_kernel(
     X,                  # pointer to the input activation, canonical view (N, C, S)
     Y,                  # pointer to the output activation
+    RES,                # pointer to the residual, or dummy
     RUN_MEAN,           # pointer to running mean (C,) or dummy
     RUN_VAR,            # pointer to running variance (C,) or dummy
+    STAT_MEAN,          # pointer to running mean as before this step (renorm), or dummy
+    STAT_VAR,           # pointer to running variance as before this step, or dummy
     W,                  # pointer to gamma (C,) or dummy
     B,                  # pointer to beta (C,) or dummy
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
     SAVE_INVSTD,        # pointer to the saved inverse std (C,), ACC
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or dummy
     N, C, S,            # canonical sizes; N <= BLOCK_N and S <= BLOCK_S
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
+    stride_rn, stride_rc, stride_rs,   # element strides of RES
     momentum,           # running-statistics momentum
     eps,                # added to the variance
+    slope,              # leaky_relu negative slope
+    rmax, dmax,         # batch renorm clipping limits
     ACC: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
+    RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -172,14 +203,17 @@ def bn_fwd_onepass_kernel(
     x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
     x = x.to(ACC)
     count, mean, m2 = tile_moments(x, mask, rmask)
-    invstd = inv_std(m2 / tl.maximum(count, 1.0), eps)
-    tl.store(SAVE_MEAN + c, mean, mask=cmask)
-    tl.store(SAVE_INVSTD + c, invstd, mask=cmask)
-    if UPDATE_RUNNING:
-        update_running(RUN_MEAN, RUN_VAR, c, cmask, mean, m2, count, momentum)
+    invstd, r, d = finish_batch_stats(
+        count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, STAT_MEAN, STAT_VAR, SAVE_MEAN,
+        SAVE_INVSTD, SAVE_RD, True, momentum, eps, rmax, dmax, UPDATE_RUNNING, RENORM)
 
     w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
-    y = (x - mean[None, :]) * (w * invstd)[None, :] + b[None, :]
+    if HAS_RES:
+        r_coff = channel_offsets(c, stride_rc, USE_INT64)
+        res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
+        res = res.to(ACC)
+    else:
+        res = 0.0
+    y = activate(preactivation(x, mean, w * invstd * r, b + w * d, res), ACT, slope)
     y_coff = channel_offsets(c, stride_yc, USE_INT64)
-    y_ptrs = tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys)
-    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y.to(Y.dtype.element_ty), mask=mask)

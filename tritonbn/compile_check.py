@@ -63,16 +63,26 @@ OPS = ("fwd_train", "fwd_eval", "bwd_train", "bwd_eval", "bwd_eval_dx")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+# What is fused around the normalization: the kernels specialize on it.
+EPILOGUES = {
+    "plain": launch.PLAIN,
+    "silu+res": launch.Epilogue(act=4),                 # residual add, then SiLU
+    "gelu+renorm": launch.Epilogue(act=5, renorm=(3.0, 5.0)),
+}
+
+
 @dataclass(frozen=True)
 class Problem:
     op: str
     shape: tuple[int, ...]
     dtype: str
     layout: str               # "contiguous" or "channels_last"
+    epilogue: str = "plain"   # a key of EPILOGUES
 
     @property
     def name(self) -> str:
-        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout}"
+        fused = "" if self.epilogue == "plain" else f" {self.epilogue}"
+        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout}{fused}"
 
 
 # The CI subset: one shape per dispatcher regime (NCHW large plane, NCHW 7x7, channels-last
@@ -101,6 +111,13 @@ def problems(subset: str = "full") -> list[Problem]:
             for dtype in dtypes:
                 for op in OPS:
                     out.append(Problem(op, shape, dtype, layout))
+                # fused epilogues change the kernels' loads and registers: check them too
+                # (in CI for one half dtype; in full for every dtype, renorm included)
+                if subset == "full" or dtype == "float16":
+                    for op in ("fwd_train", "bwd_train"):
+                        out.append(Problem(op, shape, dtype, layout, "silu+res"))
+                        if subset == "full":
+                            out.append(Problem(op, shape, dtype, layout, "gelu+renorm"))
     return out
 
 
@@ -121,13 +138,17 @@ def capture(problem: Problem, target: Target, aligned: bool = True) -> list[tupl
     x = _meta(problem.shape, dtype, problem.layout, aligned)
     c = problem.shape[1]
     p32 = lambda: torch.empty(c, device="meta")  # noqa: E731 - float32 parameters (the AMP case)
+    epi = EPILOGUES[problem.epilogue]
+    res = _meta(problem.shape, dtype, problem.layout) if epi.act else None
+    training = problem.op in ("fwd_train", "bwd_train")
     with dispatch.planning_for(target.device), launch.capture_launches() as launches:
         if problem.op.startswith("fwd"):
-            launch.forward(x, p32(), p32(), p32(), p32(), problem.op == "fwd_train", 0.1, 1e-5)
+            launch.forward(x, p32(), p32(), p32(), p32(), training, 0.1, 1e-5, res, epi)
         else:
             stats = torch.empty(c, device="meta")
-            launch.backward(_meta(problem.shape, dtype, problem.layout, aligned), x, p32(), stats, stats,
-                            problem.op == "bwd_train", problem.op != "bwd_eval_dx")
+            rd = torch.empty((2, c) if epi.renorm else (0,), device="meta")
+            launch.backward(_meta(problem.shape, dtype, problem.layout, aligned), x, p32(), p32(),
+                            res, stats, stats, rd, training, problem.op != "bwd_eval_dx", epi)
     return launches
 
 
@@ -231,7 +252,10 @@ def _vector_capable(spec: Spec) -> bool:
     if not prefixes:
         return False
     const = dict(spec.constexprs)
+    absent = {"r": not const.get("HAS_RES"), "dr": not const.get("WRITE_DRES")}
     for p in prefixes:
+        if absent.get(p):
+            continue  # a dummy pointer with zero strides: the kernel never touches it
         axes = {a: f"stride_{p}{a}" for a in "ncs"}
         contiguous = [a for a, n in axes.items() if sig.get(n) == "constexpr" and const.get(n) == 1]
         if not contiguous:
@@ -240,7 +264,7 @@ def _vector_capable(spec: Spec) -> bool:
         others = [n for a, n in axes.items() if a not in contiguous]
         if block < 4 or not all(n in spec.divisible or sig.get(n) == "constexpr" for n in others):
             return False
-        tensor = {"x": "X", "y": "Y", "dy": "DY", "dx": "DX"}[p]
+        tensor = {"x": "X", "y": "Y", "dy": "DY", "dx": "DX", "r": "RES", "dr": "DRES"}[p]
         if tensor not in spec.divisible:
             return False
     return True

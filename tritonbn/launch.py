@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import triton.language as tl
@@ -22,9 +23,31 @@ from .kernels import (
 )
 from .layout import max_offset, output_memory_format, plane_view
 
-__all__ = ["LAUNCHES", "count_launches", "capture_launches", "acc_dtype", "forward", "backward"]
+__all__ = ["LAUNCHES", "count_launches", "capture_launches", "acc_dtype", "Epilogue", "forward",
+           "backward"]
 
 LAUNCHES: collections.Counter = collections.Counter()
+
+
+def _check_interpreter_support() -> None:
+    """Triton 3.6's interpreter hands loop bounds to Python as 1-element arrays, which NumPy
+    2.4 no longer converts ("only 0-dimensional arrays can be converted to Python scalars").
+    Seen with triton 3.6.0 + numpy 2.4; triton 3.8 and 3.9 are fine; 3.7 was not tried."""
+    if not dispatch.interpreter_enabled():
+        return
+    import numpy
+    import triton
+
+    def version(mod):
+        return tuple(int(p) for p in mod.__version__.split(".")[:2] if p.isdigit())
+
+    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
+        raise RuntimeError(
+            f"The Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) fails with "
+            f"NumPy {numpy.__version__}: install 'numpy<2.4' or triton>=3.8")
+
+
+_check_interpreter_support()
 
 
 @contextlib.contextmanager
@@ -98,34 +121,57 @@ def _plan(op: str, view, x: torch.Tensor, tensors: list[torch.Tensor]) -> dispat
                               _aligned(view, tensors))
 
 
-def forward(x, weight, bias, running_mean, running_var, training: bool, momentum: float, eps: float):
-    """Batch norm forward. Returns (y, save_mean, save_invstd); updates running stats in training."""
+@dataclass(frozen=True)
+class Epilogue:
+    """What the kernels fuse around the normalization."""
+    act: int = 0                                # activation code (kernels.activations)
+    slope: float = 0.01                         # leaky_relu negative slope
+    renorm: tuple[float, float] | None = None   # batch renorm (rmax, dmax), training only
+
+
+PLAIN = Epilogue()
+_NO_STRIDES = (0, 0, 0)
+
+
+def forward(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
+            eps: float, residual=None, epi: Epilogue = PLAIN):
+    """Batch norm forward: y = act(BN(x) + residual). Returns (y, save_mean, save_invstd,
+    save_rd); updates the running statistics in training. save_rd is renorm's (r, d) or empty."""
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=output_memory_format(x))
     save_mean = torch.empty(c, dtype=acc, device=x.device)
     save_invstd = torch.empty(c, dtype=acc, device=x.device)
+    renorm = training and epi.renorm is not None
+    save_rd = torch.empty((2, c) if renorm else (0,), dtype=acc, device=x.device)
     if x.numel() == 0:
         # torch leaves the running statistics alone on an empty batch; nothing to normalize.
         save_mean.zero_()
         save_invstd.zero_()
-        return y, save_mean, save_invstd
+        save_rd.zero_()
+        return y, save_mean, save_invstd, save_rd
 
-    view, x, (y_k,) = _view_or_copy(x, [y])
-    assert y_k is y, "outputs are allocated in a format that always has a plane view"
+    view, x, others = _view_or_copy(x, [y] + ([residual] if residual is not None else []))
+    assert others[0] is y, "outputs are allocated in a format that always has a plane view"
+    res = others[1] if residual is not None else save_mean
     update = training and running_mean is not None
     rm = running_mean.contiguous() if running_mean is not None else save_mean
     rv = running_var.contiguous() if running_var is not None else save_invstd
     w = weight.contiguous() if weight is not None else save_mean
     b = bias.contiguous() if bias is not None else save_mean
-    plan = _plan("fwd_train" if training else "fwd_eval", view, x, [x, y])
-    (sxn, sxc, sxs), (syn, syc, sys_) = view.strides
-    common = dict(ACC=_tl(acc), HAS_W=weight is not None, HAS_B=bias is not None, plan=plan)
+    plan = _plan("fwd_train" if training else "fwd_eval", view, x, [x, *others])
+    strides = (*view.strides[0], *view.strides[1],
+               *(view.strides[2] if residual is not None else _NO_STRIDES))
+    rmax, dmax = epi.renorm if renorm else (1.0, 0.0)
+    common = dict(ACC=_tl(acc), HAS_W=weight is not None, HAS_B=bias is not None,
+                  HAS_RES=residual is not None, ACT=epi.act, RENORM=renorm, plan=plan)
+    scalars = (float(momentum), float(eps), float(epi.slope), float(rmax), float(dmax))
     c_blocks = dispatch.cdiv(c, plan.block_c)
 
     if training and plan.variant == "onepass":
-        _launch(bn_fwd_onepass_kernel, (c_blocks,), x, y, rm, rv, w, b, save_mean, save_invstd,
-                view.n, c, view.s, sxn, sxc, sxs, syn, syc, sys_, float(momentum), float(eps),
+        # One program per channel reads the running statistics before it updates them.
+        _launch(bn_fwd_onepass_kernel, (c_blocks,), x, y, res, rm, rv, rm, rv, w, b, save_mean,
+                save_invstd, save_rd, view.n, c, view.s, *strides, *scalars,
                 UPDATE_RUNNING=update, **common)
     else:
         n_tiles_s, n_tiles, per_split, splits = dispatch.grid_tiles(plan, view.n, view.s)
@@ -133,55 +179,75 @@ def forward(x, weight, bias, running_mean, running_var, training: bool, momentum
         if training:
             part = torch.empty((3, splits, c), dtype=acc, device=x.device)
             _launch(bn_stats_partial_kernel, (c_blocks, splits), x, part, view.n, c, view.s,
-                    sxn, sxc, sxs, n_tiles_s, n_tiles, per_split, ACC=_tl(acc), plan=plan)
-        _launch(bn_fwd_apply_kernel, (c_blocks, splits), x, y, part, rm, rv, w, b, save_mean,
-                save_invstd, view.n, c, view.s, sxn, sxc, sxs, syn, syc, sys_, n_tiles_s, n_tiles,
-                per_split, splits if training else 0, float(momentum), float(eps),
+                    *strides[:3], n_tiles_s, n_tiles, per_split, ACC=_tl(acc), plan=plan)
+        # Renorm's r and d must come from the running statistics of before this step in every
+        # program, while the first program of each channel block updates them: read a snapshot.
+        stat_mean, stat_var = (rm.clone(), rv.clone()) if renorm else (rm, rv)
+        _launch(bn_fwd_apply_kernel, (c_blocks, splits), x, y, res, part, rm, rv, stat_mean,
+                stat_var, w, b, save_mean, save_invstd, save_rd, view.n, c, view.s, *strides,
+                n_tiles_s, n_tiles, per_split, splits if training else 0, *scalars,
                 TRAINING=training, UPDATE_RUNNING=update, **common)
 
     if update:
         for given, used in ((running_mean, rm), (running_var, rv)):
             if used is not given:  # non-contiguous running stats: write the result back in place
                 given.copy_(used.view_as(given))
-    return y, save_mean, save_invstd
+    return y, save_mean, save_invstd, save_rd
 
 
-def backward(dy, x, weight, save_mean, save_invstd, training: bool, need_sums: bool):
-    """Batch norm backward. Returns (dx, grad_weight, grad_bias), the latter two in float32/64."""
+def backward(dy, x, weight, bias, residual, save_mean, save_invstd, save_rd, training: bool,
+             need_sums: bool, epi: Epilogue = PLAIN):
+    """Backward of y = act(BN(x) + residual). Returns (dx, grad_weight, grad_bias, grad_residual);
+    the parameter grads are float32/64; grad_residual is None without an activation (it is dy)."""
     c = x.shape[1]
     acc = save_mean.dtype
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
+    write_dres = residual is not None and epi.act != 0
+    dres = torch.empty_like(residual, memory_format=output_memory_format(residual)) \
+        if write_dres else None
     dw = torch.zeros(c, dtype=acc, device=x.device)
     db = torch.zeros(c, dtype=acc, device=x.device)
     if x.numel() == 0:
-        return dx, dw, db
+        return dx, dw, db, dres
 
-    view, x, (dy, dx_k) = _view_or_copy(x, [dy, dx])
-    assert dx_k is dx, "outputs are allocated in a format that always has a plane view"
+    outs = [dy, dx] + ([residual] if residual is not None else []) + ([dres] if write_dres else [])
+    view, x, others = _view_or_copy(x, outs)
+    dy = others[0]
+    assert others[1] is dx and (not write_dres or others[-1] is dres), \
+        "outputs are allocated in a format that always has a plane view"
+    res = others[2] if residual is not None else save_mean
     need_sums = need_sums or training
+    renorm = save_rd.numel() > 0
     w = weight.contiguous() if weight is not None else save_mean
+    b = bias.contiguous() if bias is not None else save_mean
+    rd = save_rd if renorm else save_mean
     # Eval backward without parameter grads is one element-wise pass, planned like eval forward.
     op = "bwd_train" if training else ("bwd_eval" if need_sums else "fwd_eval")
-    plan = _plan(op, view, x, [x, dy, dx])
-    (sxn, sxc, sxs), (sdn, sdc, sds), (sgn, sgc, sgs) = view.strides
-    strides = (sxn, sxc, sxs, sdn, sdc, sds, sgn, sgc, sgs)
+    plan = _plan(op, view, x, [x, *others])
+    st = view.strides
+    s_x, s_dy, s_dx = st[0], st[1], st[2]
+    s_res = st[3] if residual is not None else _NO_STRIDES
+    s_dres = st[-1] if write_dres else _NO_STRIDES
+    common = dict(ACC=_tl(acc), HAS_W=weight is not None, HAS_B=bias is not None,
+                  HAS_RES=residual is not None, ACT=epi.act, RENORM=renorm, plan=plan)
     c_blocks = dispatch.cdiv(c, plan.block_c)
+    dres_k = dres if write_dres else dx
 
     if plan.variant == "onepass":
-        _launch(bn_bwd_onepass_kernel, (c_blocks,), x, dy, dx, save_mean, save_invstd, w, dw, db,
-                view.n, c, view.s, *strides, ACC=_tl(acc), TRAINING=training,
-                HAS_W=weight is not None, plan=plan)
-        return dx, dw, db
+        _launch(bn_bwd_onepass_kernel, (c_blocks,), x, dy, dx, res, dres_k, save_mean, save_invstd,
+                w, b, rd, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res, *s_dres,
+                float(epi.slope), TRAINING=training, WRITE_DRES=write_dres, **common)
+        return dx, dw, db, dres
 
     n_tiles_s, n_tiles, per_split, splits = dispatch.grid_tiles(plan, view.n, view.s)
     part = save_mean
     if need_sums:
         part = torch.empty((2, splits, c), dtype=acc, device=x.device)
-        _launch(bn_bwd_partial_kernel, (c_blocks, splits), x, dy, save_mean, save_invstd, part,
-                view.n, c, view.s, *strides[:6], n_tiles_s, n_tiles, per_split, ACC=_tl(acc),
-                plan=plan)
-    _launch(bn_bwd_apply_kernel, (c_blocks, splits), x, dy, dx, save_mean, save_invstd, w, part,
-            dw, db, view.n, c, view.s, *strides, n_tiles_s, n_tiles, per_split,
-            splits if need_sums else 0, ACC=_tl(acc), TRAINING=training,
-            HAS_W=weight is not None, WRITE_SUMS=need_sums, plan=plan)
-    return dx, dw, db
+        _launch(bn_bwd_partial_kernel, (c_blocks, splits), x, dy, res, save_mean, save_invstd, w,
+                b, rd, part, view.n, c, view.s, *s_x, *s_dy, *s_res, n_tiles_s, n_tiles,
+                per_split, float(epi.slope), **common)
+    _launch(bn_bwd_apply_kernel, (c_blocks, splits), x, dy, dx, res, dres_k, save_mean,
+            save_invstd, w, b, rd, part, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res,
+            *s_dres, n_tiles_s, n_tiles, per_split, splits if need_sums else 0, float(epi.slope),
+            TRAINING=training, WRITE_SUMS=need_sums, WRITE_DRES=write_dres, **common)
+    return dx, dw, db, dres

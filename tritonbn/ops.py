@@ -1,9 +1,10 @@
 """torch.library custom ops for batch norm, with fake (meta) kernels, and their autograd.
 
-``tritonbn::batch_norm_forward`` mutates the running statistics in place (declared in
-mutates_args, so torch.compile functionalizes it); ``tritonbn::batch_norm_backward`` is pure.
-Both run the Triton kernels, except for CPU tensors with the interpreter off, which take the
-float64 reference path (tritonbn.reference) -- documented in the README.
+``tritonbn::batch_norm_forward`` computes y = act(BN(x) + residual) (plain batch norm when
+there is neither) and mutates the running statistics in place (declared in mutates_args, so
+torch.compile functionalizes it); ``tritonbn::batch_norm_backward`` is pure. Both run the Triton
+kernels, except for CPU tensors with the interpreter off, which take the float64 reference path
+(tritonbn.reference) -- documented in the README.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import dispatch, launch, reference
+from .kernels.activations import ACTIVATIONS
 from .layout import output_memory_format
 
 __all__ = ["batch_norm_forward", "batch_norm_backward", "BatchNormFunction"]
@@ -22,45 +24,88 @@ def _use_reference(t: Tensor) -> bool:
     return t.device.type == "cpu" and not dispatch.interpreter_enabled()
 
 
+def _epilogue(activation: str, slope: float, renorm: bool, rmax: float, dmax: float):
+    return launch.Epilogue(ACTIVATIONS[activation or None], slope,
+                           (rmax, dmax) if renorm else None)
+
+
+def _reference_renorm_rd(input, running_mean, running_var, eps, rmax, dmax):
+    x = input.double()
+    dims = [0] + list(range(2, x.dim()))
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    sigma = torch.sqrt(running_var.double().reshape(-1) + eps)
+    r = (torch.sqrt(var + eps) / sigma).clamp(1.0 / rmax, rmax)
+    d = ((mean - running_mean.double().reshape(-1)) / sigma).clamp(-dmax, dmax)
+    return r, d
+
+
 @torch.library.custom_op("tritonbn::batch_norm_forward", mutates_args=("running_mean", "running_var"))
 def batch_norm_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                       training: bool, momentum: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, save_mean, save_invstd); save_* are float32 (float64 for float64 input)."""
+                       training: bool, momentum: float, eps: float, residual: Optional[Tensor],
+                       activation: str, slope: float, renorm: bool, rmax: float,
+                       dmax: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, save_mean, save_invstd, save_rd): statistics in float32 (float64 for float64 input);
+    save_rd is batch renorm's (2, C) r and d, or empty."""
+    renorm = renorm and training
     if _use_reference(input):
-        y, mean, invstd = reference.batch_norm_reference(
-            input, running_mean, running_var, weight, bias, training, momentum, eps)
         acc = launch.acc_dtype(input.dtype)
+        rd = (_reference_renorm_rd(input, running_mean, running_var, eps, rmax, dmax)
+              if renorm and input.numel() else None)
+        y, mean, invstd = reference.batch_norm_reference(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            residual=residual, activation=activation or None, slope=slope, renorm_rd=rd)
         out = torch.empty_like(input, memory_format=output_memory_format(input))
-        return out.copy_(y), mean.to(acc), invstd.to(acc)
-    return launch.forward(input, weight, bias, running_mean, running_var, training, momentum, eps)
+        save_rd = torch.stack(rd).to(acc) if rd is not None else input.new_zeros(
+            (2, input.shape[1]) if renorm else (0,), dtype=acc)
+        return out.copy_(y), mean.to(acc), invstd.to(acc), save_rd
+    return launch.forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                          residual, _epilogue(activation, slope, renorm, rmax, dmax))
 
 
 @batch_norm_forward.register_fake
-def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
+def _(input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
+      activation, slope, renorm, rmax, dmax):
     acc = launch.acc_dtype(input.dtype)
     c = input.shape[1]
     y = torch.empty_like(input, memory_format=output_memory_format(input))
-    return y, input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc)
+    rd = input.new_empty((2, c) if renorm and training else (0,), dtype=acc)
+    return y, input.new_empty((c,), dtype=acc), input.new_empty((c,), dtype=acc), rd
 
 
 @torch.library.custom_op("tritonbn::batch_norm_backward", mutates_args=())
 def batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
-                        save_mean: Tensor, save_invstd: Tensor, training: bool,
-                        param_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias); the last two in the statistics dtype."""
+                        bias: Optional[Tensor], residual: Optional[Tensor], save_mean: Tensor,
+                        save_invstd: Tensor, save_rd: Tensor, training: bool, param_grads: bool,
+                        activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual); parameter grads in the statistics
+    dtype; grad_residual is empty when there is no activation (it is grad_out itself)."""
     if _use_reference(input):
-        dx, dw, db = reference.batch_norm_reference_backward(
-            grad_out, input, weight, save_mean, save_invstd, training)
+        rd = tuple(save_rd) if save_rd.numel() else None
+        dx, dw, db, dres = reference.batch_norm_reference_backward(
+            grad_out, input, weight, bias, save_mean, save_invstd, training,
+            residual=residual, activation=activation or None, slope=slope, renorm_rd=rd)
         out = torch.empty_like(input, memory_format=output_memory_format(input))
-        return out.copy_(dx), dw.to(save_mean.dtype), db.to(save_mean.dtype)
-    return launch.backward(grad_out, input, weight, save_mean, save_invstd, training, param_grads)
+        if residual is not None and activation:
+            dres = torch.empty_like(residual, memory_format=output_memory_format(residual)).copy_(dres)
+        else:
+            dres = input.new_empty((0,))
+        return out.copy_(dx), dw.to(save_mean.dtype), db.to(save_mean.dtype), dres
+    dx, dw, db, dres = launch.backward(grad_out, input, weight, bias, residual, save_mean,
+                                       save_invstd, save_rd, training, param_grads,
+                                       _epilogue(activation, slope, False, 1.0, 0.0))
+    return dx, dw, db, dres if dres is not None else input.new_empty((0,))
 
 
 @batch_norm_backward.register_fake
-def _(grad_out, input, weight, save_mean, save_invstd, training, param_grads):
+def _(grad_out, input, weight, bias, residual, save_mean, save_invstd, save_rd, training,
+      param_grads, activation, slope):
     dx = torch.empty_like(input, memory_format=output_memory_format(input))
-    return dx, torch.empty_like(save_mean), torch.empty_like(save_mean)
+    if residual is not None and activation:
+        dres = torch.empty_like(residual, memory_format=output_memory_format(residual))
+    else:
+        dres = input.new_empty((0,))
+    return dx, torch.empty_like(save_mean), torch.empty_like(save_mean), dres
 
 
 class BatchNormFunction(torch.autograd.Function):
@@ -71,28 +116,38 @@ class BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps):
-        return batch_norm_forward(input, weight, bias, running_mean, running_var,
-                                  training, momentum, eps)
+    def forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                residual, activation, slope, renorm, rmax, dmax):
+        return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
+                                  momentum, eps, residual, activation, slope, renorm, rmax, dmax)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, _running_mean, _running_var, training, _momentum, _eps = inputs
-        _y, save_mean, save_invstd = output
-        ctx.mark_non_differentiable(save_mean, save_invstd)
-        ctx.save_for_backward(input, weight, save_mean, save_invstd)
+        (input, weight, bias, _rm, _rv, training, _momentum, _eps, residual, activation, slope,
+         _renorm, _rmax, _dmax) = inputs
+        _y, save_mean, save_invstd, save_rd = output
+        ctx.mark_non_differentiable(save_mean, save_invstd, save_rd)
+        # The residual is needed again only to recompute the activation's input.
+        ctx.save_for_backward(input, weight, bias, residual if activation else None, save_mean,
+                              save_invstd, save_rd)
         ctx.training = training
-        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.activation, ctx.slope = activation, slope
+        ctx.res_dtype = residual.dtype if residual is not None else None
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_invstd):
-        input, weight, save_mean, save_invstd = ctx.saved_tensors
-        need_w, need_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dx, dw, db = batch_norm_backward(grad_y, input, weight, save_mean, save_invstd,
-                                         ctx.training, need_w or need_b)
+    def backward(ctx, grad_y, _grad_mean, _grad_invstd, _grad_rd):
+        input, weight, bias, residual, save_mean, save_invstd, save_rd = ctx.saved_tensors
+        need_x, need_w, need_b, _, _, _, _, _, need_res = ctx.needs_input_grad[:9]
+        dx, dw, db, dres = batch_norm_backward(
+            grad_y, input, weight, bias, residual, save_mean, save_invstd, save_rd, ctx.training,
+            need_w or need_b, ctx.activation, ctx.slope)
+        if need_res and not ctx.activation:
+            dres = grad_y  # y = BN(x) + residual: the residual's gradient is the output's
         return (
-            dx if ctx.needs_input_grad[0] else None,
+            dx if need_x else None,
             dw.to(weight.dtype) if need_w else None,
-            db.to(ctx.bias_dtype) if need_b else None,
+            db.to(bias.dtype) if need_b else None,
+            None, None, None, None, None,
+            dres.to(ctx.res_dtype) if need_res else None,
             None, None, None, None, None,
         )

@@ -5,6 +5,7 @@ with a message that says what was expected.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -12,7 +13,7 @@ import torch
 __all__ = ["check_batch_norm_args"]
 
 
-def _check_param(name: str, t, input: torch.Tensor) -> None:
+def _check_param(name: str, t, input: torch.Tensor, c: int) -> None:
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
@@ -21,16 +22,17 @@ def _check_param(name: str, t, input: torch.Tensor) -> None:
         raise RuntimeError(
             f"batch_norm: expected all tensors to be on the same device, but input is on "
             f"{input.device} and {name} is on {t.device}")
-    c = input.shape[1]
     if t.numel() != c:
-        raise RuntimeError(f"batch_norm: {name} should contain {c} elements (one per channel), "
+        raise RuntimeError(f"batch_norm: {name} should contain {c} elements (one per feature), "
                            f"not {t.numel()} (shape {tuple(t.shape)})")
     if t.dtype not in (torch.float32, input.dtype):
         raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}; expected float32 or the "
                            f"input's dtype {input.dtype}")
 
 
-def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          per_activation: bool = False):
+    """``per_activation``: statistics per (channel, position), so parameters have C * S elements."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 2:
@@ -45,9 +47,10 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
     if not training and running_mean is None:
         raise RuntimeError("batch_norm: running_mean and running_var must be given in "
                            "evaluation mode (training=False)")
+    c = math.prod(input.shape[1:]) if per_activation else input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        _check_param(name, t, input)
+        _check_param(name, t, input, c)
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"batch_norm: momentum must be a float, got {type(momentum).__name__} "
                         "(momentum=None, the cumulative average, is a module option)")
@@ -57,6 +60,41 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
         raise ValueError(f"batch_norm: eps must be positive during training, but got {eps}")
     if eps < 0:
         raise ValueError(f"batch_norm: eps must be non-negative, but got {eps}")
-    if training and input.numel() == input.shape[1] and input.numel() > 0:
+    if training and input.numel() == c and input.numel() > 0:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{tuple(input.shape)}")
+
+
+def check_epilogue_args(input, activation, negative_slope, residual) -> None:
+    """The fused activation and residual: a known name, and a residual shaped like the input."""
+    from .kernels.activations import ACTIVATIONS
+
+    if activation not in ACTIVATIONS:
+        names = ", ".join(repr(a) for a in ACTIVATIONS if a)
+        raise ValueError(f"batch_norm: unknown activation {activation!r}; expected None or one "
+                         f"of {names}")
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+        raise TypeError(f"batch_norm: negative_slope must be a float, got "
+                        f"{type(negative_slope).__name__}")
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"batch_norm: residual must be a Tensor or None, got {type(residual).__name__}")
+    if residual.device != input.device:
+        raise RuntimeError(f"batch_norm: expected all tensors to be on the same device, but input "
+                           f"is on {input.device} and residual is on {residual.device}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"batch_norm: residual must have the input's shape {tuple(input.shape)}, "
+                           f"got {tuple(residual.shape)}")
+    if not residual.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" residual not implemented for {residual.dtype}')
+
+
+def check_renorm_args(running_mean, rmax, dmax) -> None:
+    if running_mean is None:
+        raise ValueError("batch_renorm: running_mean and running_var are required (r and d "
+                         "are measured against them)")
+    if not rmax >= 1.0:
+        raise ValueError(f"batch_renorm: rmax must be >= 1, got {rmax}")
+    if not dmax >= 0.0:
+        raise ValueError(f"batch_renorm: dmax must be >= 0, got {dmax}")

@@ -1,0 +1,92 @@
+"""Activations fused after batch norm (and the residual add), with their derivatives.
+
+Each activation is a compile-time code, so a kernel specialized for one carries no branches for
+the others. Derivatives are taken at the pre-activation z, which the backward kernels recompute
+from x and the saved float32 statistics instead of saving z.
+"""
+import triton
+import triton.language as tl
+
+# Host and device agree on these codes; the host maps user-facing names onto them.
+ACTIVATIONS = {
+    None: 0,
+    "relu": 1,
+    "relu6": 2,
+    "leaky_relu": 3,
+    "silu": 4,
+    "gelu": 5,           # exact: z * Phi(z)
+    "gelu_tanh": 6,      # tanh approximation, torch's approximate="tanh"
+    "hardswish": 7,
+    "sigmoid": 8,
+    "tanh": 9,
+}
+
+_SQRT_1_2 = tl.constexpr(0.7071067811865476)      # 1 / sqrt(2)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+_SQRT_2_PI = tl.constexpr(0.7978845608028654)     # sqrt(2 / pi)
+_GELU_C = tl.constexpr(0.044715)
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(z):
+    # 1 - 2 / (exp(2z) + 1): saturates cleanly to +-1 where exp overflows or underflows
+    return 1.0 - 2.0 / (tl.exp(2.0 * z) + 1.0)
+
+
+@triton.jit
+def activate(z, ACT: tl.constexpr, slope):
+    """act(z) for the activation code ACT; ``slope`` is leaky_relu's negative slope."""
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = tl.minimum(tl.maximum(z, 0.0), 6.0)
+    elif ACT == 3:
+        z = tl.where(z > 0, z, z * slope)
+    elif ACT == 4:
+        z = z * _sigmoid(z)
+    elif ACT == 5:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT_1_2))
+    elif ACT == 6:
+        z = 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_C) * _SQRT_2_PI))
+    elif ACT == 7:
+        z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
+    elif ACT == 8:
+        z = _sigmoid(z)
+    elif ACT == 9:
+        z = _tanh(z)
+    return z
+
+
+@triton.jit
+def activate_grad(z, ACT: tl.constexpr, slope):
+    """d act / dz at z (torch's conventions at the kinks: relu'(0) = 0, relu6'(6) = 0)."""
+    if ACT == 1:
+        g = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        g = tl.where((z > 0) & (z < 6.0), 1.0, 0.0)
+    elif ACT == 3:
+        g = tl.where(z > 0, 1.0, slope)
+    elif ACT == 4:
+        s = _sigmoid(z)
+        g = s * (1.0 + z * (1.0 - s))
+    elif ACT == 5:
+        g = 0.5 * (1.0 + tl.math.erf(z * _SQRT_1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif ACT == 6:
+        t = _tanh((z + z * z * z * _GELU_C) * _SQRT_2_PI)
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_PI * (1.0 + z * z * (3.0 * _GELU_C))
+    elif ACT == 7:
+        g = tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 1.0, z / 3.0 + 0.5))
+    elif ACT == 8:
+        s = _sigmoid(z)
+        g = s * (1.0 - s)
+    elif ACT == 9:
+        t = _tanh(z)
+        g = 1.0 - t * t
+    else:
+        g = tl.full(z.shape, 1.0, z.dtype)
+    return g
