@@ -10,6 +10,7 @@ torch.nn or shapes beyond the canonical (N, C, S) view that the host builds:
 """
 from .forward import bn_fwd_apply_kernel, bn_fwd_onepass_kernel, bn_stats_partial_kernel
 from .backward import bn_bwd_apply_kernel, bn_bwd_onepass_kernel, bn_bwd_partial_kernel
+from .sync import bn_merge_partials_kernel
 
 __all__ = [
     "bn_stats_partial_kernel",
@@ -18,4 +19,5 @@ __all__ = [
     "bn_bwd_partial_kernel",
     "bn_bwd_apply_kernel",
     "bn_bwd_onepass_kernel",
+    "bn_merge_partials_kernel",
 ]

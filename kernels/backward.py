@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .activations import activate_grad
 from .common import channel_offsets, load_affine, load_renorm, preactivation, tile_ptrs, tile_rows
+from .overflow import store_fit
 
 
 @triton.jit
@@ -124,6 +125,7 @@ def bn_bwd_apply_kernel(
     n_tiles,
     tiles_per_split,
     n_part_splits,      # splits in PART (0 when the sums are not needed)
+    total_count,        # elements per channel behind the sums in PART (all processes' batches)
     slope,              # leaky_relu negative slope
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,         # batch statistics: dx has the mean terms
@@ -134,6 +136,7 @@ def bn_bwd_apply_kernel(
     RENORM: tl.constexpr,
     WRITE_SUMS: tl.constexpr,       # store grad_weight / grad_bias
     WRITE_DRES: tl.constexpr,       # store dz as the residual gradient
+    SATURATE: tl.constexpr,         # clamp finite gradients beyond their dtype to +-max
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -159,7 +162,7 @@ def bn_bwd_apply_kernel(
             tl.store(DB + c, sum_dz, mask=cmask)
     gain = w * invstd * r
     shift = b + w * d
-    inv_m = 1.0 / ((tl.zeros((BLOCK_C,), ACC) + N) * S)  # N, S may be specialized to 1
+    inv_m = 1.0 / (tl.zeros((BLOCK_C,), ACC) + total_count)
     mean_dz = sum_dz * inv_m
     coef_xc = gain * invstd * sum_dzxhat * inv_m
 
@@ -190,11 +193,9 @@ def bn_bwd_apply_kernel(
             dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * (x - mean[None, :])
         else:
             dx = gain[None, :] * dz
-        tl.store(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx.to(DX.dtype.element_ty),
-                 mask=mask)
+        store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE)
         if WRITE_DRES:
-            tl.store(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs),
-                     dz.to(DRES.dtype.element_ty), mask=mask)
+            store_fit(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs), dz, mask, SATURATE)
 
 
 @triton.jit
@@ -226,6 +227,7 @@ def bn_bwd_onepass_kernel(
     ACT: tl.constexpr,
     RENORM: tl.constexpr,
     WRITE_DRES: tl.constexpr,
+    SATURATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -267,9 +269,7 @@ def bn_bwd_onepass_kernel(
     else:
         dx = gain[None, :] * dz
     dx_coff = channel_offsets(c, stride_dxc, USE_INT64)
-    tl.store(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx.to(DX.dtype.element_ty),
-             mask=mask)
+    store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE)
     if WRITE_DRES:
         dr_coff = channel_offsets(c, stride_drc, USE_INT64)
-        tl.store(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs),
-                 dz.to(DRES.dtype.element_ty), mask=mask)
+        store_fit(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs), dz, mask, SATURATE)

@@ -7,6 +7,8 @@ variance is never formed as E[x^2] - E[x]^2 and no square is ever taken in half 
 import triton
 import triton.language as tl
 
+from .overflow import fit
+
 
 @triton.jit
 def tile_rows(
@@ -89,21 +91,40 @@ def inv_std(var, eps):
 def update_running(
     RUN_MEAN,           # pointer to the running mean, (C,), float32 or the input dtype
     RUN_VAR,            # pointer to the running variance, (C,), same dtype as RUN_MEAN
+    RUN_COUNT,          # pointer to per-channel batch counts, (C,) int64 (CUMULATIVE only)
     c,                  # channel indices, (BLOCK_C,)
     cmask,              # which of them exist
     mean,               # batch mean, (BLOCK_C,), accumulation dtype
     m2,                 # batch sum of squared deviations, (BLOCK_C,)
     count,              # elements per channel, (BLOCK_C,)
     momentum,           # weight of the batch statistics, float
+    SKIP_NONFINITE: tl.constexpr,   # leave a channel alone when its batch statistics are not finite
+    CUMULATIVE: tl.constexpr,       # weight 1 / (batches seen + 1) per channel instead of momentum
+    SATURATE: tl.constexpr,         # clamp finite results to the running dtype's range
 ):
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    """running = (1 - w) * running + w * batch, with the unbiased variance; w = momentum, or the
+    cumulative-average weight from the channel's own count of batches."""
     rm = tl.load(RUN_MEAN + c, mask=cmask, other=0.0)
     rv = tl.load(RUN_VAR + c, mask=cmask, other=0.0)
     unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-    new_rm = rm.to(mean.dtype) * (1.0 - momentum) + mean * momentum
-    new_rv = rv.to(mean.dtype) * (1.0 - momentum) + unbiased * momentum
-    tl.store(RUN_MEAN + c, new_rm.to(rm.dtype), mask=cmask)
-    tl.store(RUN_VAR + c, new_rv.to(rv.dtype), mask=cmask)
+    if CUMULATIVE:
+        seen = tl.load(RUN_COUNT + c, mask=cmask, other=0)
+        weight = 1.0 / (seen.to(mean.dtype) + 1.0)
+    else:
+        weight = momentum
+    new_rm = rm.to(mean.dtype) * (1.0 - weight) + mean * weight
+    new_rv = rv.to(mean.dtype) * (1.0 - weight) + unbiased * weight
+    if SKIP_NONFINITE:
+        # decided per channel on the device: no host sync, other channels still update
+        ok = (mean - mean == 0) & (unbiased - unbiased == 0)
+        new_rm = tl.where(ok, new_rm, rm.to(mean.dtype))
+        new_rv = tl.where(ok, new_rv, rv.to(mean.dtype))
+    else:
+        ok = cmask
+    if CUMULATIVE:
+        tl.store(RUN_COUNT + c, seen + ok.to(seen.dtype), mask=cmask)
+    tl.store(RUN_MEAN + c, fit(new_rm, RUN_MEAN.dtype.element_ty, SATURATE), mask=cmask)
+    tl.store(RUN_VAR + c, fit(new_rv, RUN_VAR.dtype.element_ty, SATURATE), mask=cmask)
 
 
 @triton.jit
@@ -158,6 +179,7 @@ def finish_batch_stats(
     count, mean, m2,            # merged (count, mean, M2) of the channels in c, ACC
     c, cmask, C,
     RUN_MEAN, RUN_VAR,          # running statistics to update (when UPDATE_RUNNING)
+    RUN_COUNT,                  # per-channel batch counts (CUMULATIVE)
     STAT_MEAN, STAT_VAR,        # running statistics as before this step (read by RENORM)
     SAVE_MEAN, SAVE_INVSTD,     # (C,) ACC outputs
     SAVE_RD,                    # (2, C) ACC output: renorm r and d
@@ -165,6 +187,9 @@ def finish_batch_stats(
     momentum, eps, rmax, dmax,
     UPDATE_RUNNING: tl.constexpr,
     RENORM: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     """Batch 1/std (and renorm r, d) from merged moments; one program per channel writes them."""
     invstd = inv_std(m2 / tl.maximum(count, 1.0), eps)
@@ -180,7 +205,8 @@ def finish_batch_stats(
             tl.store(SAVE_RD + c, r, mask=cmask)
             tl.store(SAVE_RD + C + c, d, mask=cmask)
         if UPDATE_RUNNING:
-            update_running(RUN_MEAN, RUN_VAR, c, cmask, mean, m2, count, momentum)
+            update_running(RUN_MEAN, RUN_VAR, RUN_COUNT, c, cmask, mean, m2, count, momentum,
+                           SKIP_NONFINITE, CUMULATIVE, SATURATE)
     return invstd, r, d
 
 

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .activations import activate
+from .overflow import store_fit, tile_overflow
 from .common import (
     chan_merge,
     channel_offsets,
@@ -76,6 +77,7 @@ def bn_fwd_apply_kernel(
     PART,               # pointer to the (3, n_part_splits, C) partials (training only)
     RUN_MEAN,           # pointer to running mean (C,) or dummy: updated in training
     RUN_VAR,            # pointer to running variance (C,) or dummy
+    RUN_COUNT,          # pointer to per-channel batch counts (C,) int64 (CUMULATIVE), or dummy
     STAT_MEAN,          # pointer to running mean as before this step: eval stats, renorm r/d
     STAT_VAR,           # pointer to running variance as before this step
     W,                  # pointer to gamma (C,) or dummy
@@ -83,6 +85,8 @@ def bn_fwd_apply_kernel(
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
     SAVE_INVSTD,        # pointer to the saved 1/sqrt(var + eps) (C,), ACC
     SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or dummy
+    OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or dummy
+    OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or dummy
     N, C, S,            # canonical sizes
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
@@ -103,6 +107,10 @@ def bn_fwd_apply_kernel(
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,              # activation code (kernels.activations.ACTIVATIONS)
     RENORM: tl.constexpr,           # batch renormalization (training only)
+    SKIP_NONFINITE: tl.constexpr,   # running stats keep channels whose batch stats are not finite
+    CUMULATIVE: tl.constexpr,       # cumulative running average from RUN_COUNT
+    SATURATE: tl.constexpr,         # clamp finite results beyond the output dtype to +-max
+    COUNT_OVERFLOW: tl.constexpr,   # accumulate OVF_COUNT / OVF_MAX
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -126,8 +134,9 @@ def bn_fwd_apply_kernel(
             p_m2 = tl.load(PART + 2 * n_part_splits * C + base, mask=cmask, other=0.0)
             count, mean, m2 = chan_merge(count, mean, m2, p_count, p_mean, p_m2)
         invstd, r, d = finish_batch_stats(
-            count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, STAT_MEAN, STAT_VAR, SAVE_MEAN,
-            SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum, eps, rmax, dmax, UPDATE_RUNNING, RENORM)
+            count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, RUN_COUNT, STAT_MEAN, STAT_VAR,
+            SAVE_MEAN, SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum, eps, rmax, dmax,
+            UPDATE_RUNNING, RENORM, SKIP_NONFINITE, CUMULATIVE, SATURATE)
     else:
         mean = tl.load(STAT_MEAN + c, mask=cmask, other=0.0).to(ACC)
         invstd = inv_std(tl.load(STAT_VAR + c, mask=cmask, other=1.0).to(ACC), eps)
@@ -143,6 +152,8 @@ def bn_fwd_apply_kernel(
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     y_coff = channel_offsets(c, stride_yc, USE_INT64)
     r_coff = channel_offsets(c, stride_rc, USE_INT64)
+    ovf_count = tl.zeros((BLOCK_C,), tl.int32)
+    ovf_max = tl.zeros((BLOCK_C,), ACC)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
@@ -155,8 +166,15 @@ def bn_fwd_apply_kernel(
         else:
             res = 0.0
         y = activate(preactivation(x.to(ACC), mean, gain, shift, res), ACT, slope)
-        y_ptrs = tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys)
-        tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask)
+        if COUNT_OVERFLOW:
+            t_count, t_max = tile_overflow(y, mask, Y.dtype.element_ty)
+            ovf_count += t_count
+            ovf_max = tl.maximum(ovf_max, t_max)
+        store_fit(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y, mask, SATURATE)
+    if COUNT_OVERFLOW:
+        # integer adds and max commute: the totals are the same whatever the program order
+        tl.atomic_add(OVF_COUNT + c, ovf_count.to(tl.int64), mask=cmask)
+        tl.atomic_max(OVF_MAX + c, ovf_max.to(tl.float32), mask=cmask)
 
 
 @triton.jit
@@ -166,6 +184,7 @@ def bn_fwd_onepass_kernel(
     RES,                # pointer to the residual, or dummy
     RUN_MEAN,           # pointer to running mean (C,) or dummy
     RUN_VAR,            # pointer to running variance (C,) or dummy
+    RUN_COUNT,          # pointer to per-channel batch counts (C,) int64 (CUMULATIVE), or dummy
     STAT_MEAN,          # pointer to running mean as before this step (renorm), or dummy
     STAT_VAR,           # pointer to running variance as before this step, or dummy
     W,                  # pointer to gamma (C,) or dummy
@@ -173,6 +192,8 @@ def bn_fwd_onepass_kernel(
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
     SAVE_INVSTD,        # pointer to the saved inverse std (C,), ACC
     SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or dummy
+    OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or dummy
+    OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or dummy
     N, C, S,            # canonical sizes; N <= BLOCK_N and S <= BLOCK_S
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
@@ -188,6 +209,10 @@ def bn_fwd_onepass_kernel(
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
     RENORM: tl.constexpr,
+    SKIP_NONFINITE: tl.constexpr,
+    CUMULATIVE: tl.constexpr,
+    SATURATE: tl.constexpr,
+    COUNT_OVERFLOW: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -204,8 +229,9 @@ def bn_fwd_onepass_kernel(
     x = x.to(ACC)
     count, mean, m2 = tile_moments(x, mask, rmask)
     invstd, r, d = finish_batch_stats(
-        count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, STAT_MEAN, STAT_VAR, SAVE_MEAN,
-        SAVE_INVSTD, SAVE_RD, True, momentum, eps, rmax, dmax, UPDATE_RUNNING, RENORM)
+        count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, RUN_COUNT, STAT_MEAN, STAT_VAR,
+        SAVE_MEAN, SAVE_INVSTD, SAVE_RD, True, momentum, eps, rmax, dmax, UPDATE_RUNNING, RENORM,
+        SKIP_NONFINITE, CUMULATIVE, SATURATE)
 
     w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
     if HAS_RES:
@@ -215,5 +241,9 @@ def bn_fwd_onepass_kernel(
     else:
         res = 0.0
     y = activate(preactivation(x, mean, w * invstd * r, b + w * d, res), ACT, slope)
+    if COUNT_OVERFLOW:
+        t_count, t_max = tile_overflow(y, mask, Y.dtype.element_ty)
+        tl.atomic_add(OVF_COUNT + c, t_count.to(tl.int64), mask=cmask)
+        tl.atomic_max(OVF_MAX + c, t_max.to(tl.float32), mask=cmask)
     y_coff = channel_offsets(c, stride_yc, USE_INT64)
-    tl.store(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y.to(Y.dtype.element_ty), mask=mask)
+    store_fit(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y, mask, SATURATE)

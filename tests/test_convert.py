@@ -11,7 +11,7 @@ from helpers import tol
 from tiny_resnet import bn_modules, make_batches, make_model, train
 
 TORCH_TO_OURS = {nn.BatchNorm1d: tritonbn.BatchNorm1d, nn.BatchNorm2d: tritonbn.BatchNorm2d,
-                 nn.BatchNorm3d: tritonbn.BatchNorm3d, nn.SyncBatchNorm: tritonbn.BatchNormNd}
+                 nn.BatchNorm3d: tritonbn.BatchNorm3d, nn.SyncBatchNorm: tritonbn.SyncBatchNorm}
 
 
 class MyBatchNorm(nn.BatchNorm2d):
@@ -86,19 +86,17 @@ def test_convert_bare_batchnorm_root(device):
     assert type(tritonbn.restore_model(out)) is nn.BatchNorm2d
 
 
-def test_syncbatchnorm_left_alone_when_distributed(monkeypatch, device):
+def test_syncbatchnorm_converted_whatever_the_world_size(monkeypatch, device):
+    # tritonbn.SyncBatchNorm synchronizes itself, so conversion no longer depends on the group
     model = nn.Sequential(nn.SyncBatchNorm(4), nn.BatchNorm2d(4)).to(device)
     dist = torch.distributed
     monkeypatch.setattr(dist, "is_available", lambda: True)
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    monkeypatch.setattr(dist, "group", type("group", (), {"WORLD": object()}))
-    with pytest.warns(UserWarning, match="SyncBatchNorm"):
-        tritonbn.convert_model(model)
-    assert type(model[0]) is nn.SyncBatchNorm and type(model[1]) is tritonbn.BatchNorm2d
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)  # one process: plain BN
     tritonbn.convert_model(model)
-    assert type(model[0]) is tritonbn.BatchNormNd
+    assert type(model[0]) is tritonbn.SyncBatchNorm and type(model[1]) is tritonbn.BatchNorm2d
+    tritonbn.restore_model(model)
+    assert type(model[0]) is nn.SyncBatchNorm
 
 
 _HAS_GLOO = torch.distributed.is_available() and torch.distributed.is_gloo_available()
@@ -115,7 +113,7 @@ def test_syncbatchnorm_converted_in_a_one_process_group(device):
         # process group exists, even of one process
         ref = nn.Sequential(nn.BatchNorm3d(4)).to(device)
         tritonbn.convert_model(model)
-        assert type(model[0]) is tritonbn.BatchNormNd
+        assert type(model[0]) is tritonbn.SyncBatchNorm
         x = torch.randn(3, 4, 2, 3, 2, device=device)  # 5-D: SyncBatchNorm takes any ndim
         with tritonbn.count_launches() as launches:
             y = model(x)

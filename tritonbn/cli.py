@@ -140,9 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check-compile", add_help=False,
                    help="compile every kernel plan for sm_90a / sm_80 and report registers, "
                         "spills, occupancy and access widths (see --help)")
+    sub.add_parser("overflow", add_help=False,
+                   help="profile batch norm near float16's limit against torch and a naive "
+                        "half-precision implementation (see --help)")
     if argv[:1] == ["check-compile"]:
         from . import compile_check
         return compile_check.main(argv[1:])
+    if argv[:1] == ["overflow"]:
+        _ensure_kernels_can_run(argv)
+        from . import overflow
+        return overflow.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         _ensure_kernels_can_run(argv)

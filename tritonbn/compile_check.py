@@ -68,6 +68,8 @@ EPILOGUES = {
     "plain": launch.PLAIN,
     "silu+res": launch.Epilogue(act=4),                 # residual add, then SiLU
     "gelu+renorm": launch.Epilogue(act=5, renorm=(3.0, 5.0)),
+    # overflow guards: saturating stores, fused counters (atomics), skipped non-finite channels
+    "guards": launch.Epilogue(saturate=True, skip_nonfinite=True),
 }
 
 
@@ -116,6 +118,7 @@ def problems(subset: str = "full") -> list[Problem]:
                 if subset == "full" or dtype == "float16":
                     for op in ("fwd_train", "bwd_train"):
                         out.append(Problem(op, shape, dtype, layout, "silu+res"))
+                        out.append(Problem(op, shape, dtype, layout, "guards"))
                         if subset == "full":
                             out.append(Problem(op, shape, dtype, layout, "gelu+renorm"))
     return out
@@ -143,7 +146,11 @@ def capture(problem: Problem, target: Target, aligned: bool = True) -> list[tupl
     training = problem.op in ("fwd_train", "bwd_train")
     with dispatch.planning_for(target.device), launch.capture_launches() as launches:
         if problem.op.startswith("fwd"):
-            launch.forward(x, p32(), p32(), p32(), p32(), training, 0.1, 1e-5, res, epi)
+            guarded = problem.epilogue == "guards"
+            counters = (torch.empty(c, dtype=torch.int64, device="meta"), p32()) if guarded \
+                else (None, None)
+            launch.forward(x, p32(), p32(), p32(), p32(), training, 0.1, 1e-5, res, epi,
+                           counters[0] if guarded else None, *counters)
         else:
             stats = torch.empty(c, device="meta")
             rd = torch.empty((2, c) if epi.renorm else (0,), device="meta")

@@ -225,5 +225,7 @@ def grid_tiles(plan: Plan, n: int, s: int) -> tuple[int, int, int, int]:
     """
     n_tiles_s = cdiv(s, plan.block_s)
     n_tiles = cdiv(n, plan.block_n) * n_tiles_s
+    if n_tiles == 0:  # an empty plane (a synchronized step's empty batch): one program, no tiles
+        return n_tiles_s, 0, 0, 1
     per_split = cdiv(n_tiles, max(1, min(plan.splits, n_tiles)))
     return n_tiles_s, n_tiles, per_split, cdiv(n_tiles, per_split)

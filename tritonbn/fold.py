@@ -12,12 +12,13 @@ import copy
 import torch
 from torch import fx, nn
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormNd
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .sync import SyncBatchNorm
 
 __all__ = ["fold_into_conv"]
 
 _FOLDABLE_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormNd)
+                BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
 # Exact types: a subclass (or ConvTranspose, whose weight is laid out (in, out, ...)) may not
 # compute weight @ x + bias with out-channels first in the weight.
 _FOLDABLE_LAYER = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

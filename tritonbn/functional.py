@@ -4,6 +4,7 @@ per-activation mode; and tritonbn.batch_renorm, Batch Renormalization on the sam
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,6 +16,8 @@ from .validate import check_batch_norm_args, check_epilogue_args, check_renorm_a
 __all__ = ["batch_norm", "batch_renorm"]
 
 MODES = ("spatial", "per_activation")
+OVERFLOW_POLICIES = ("propagate", "saturate")
+NONFINITE_POLICIES = ("propagate", "skip")
 
 
 def _flat(t: Optional[Tensor], c: int) -> Optional[Tensor]:
@@ -22,13 +25,46 @@ def _flat(t: Optional[Tensor], c: int) -> Optional[Tensor]:
     return t if t is None or t.dim() == 1 else t.reshape(c)
 
 
+@dataclass(frozen=True)
+class _Guards:
+    """The overflow options of one call (see batch_norm)."""
+    saturate: bool = False
+    skip_nonfinite: bool = False
+    running_count: Optional[Tensor] = None
+    overflow_count: Optional[Tensor] = None
+    overflow_max: Optional[Tensor] = None
+
+
+NO_GUARDS = _Guards()
+
+
+def _guards(input, overflow, overflow_stats, nonfinite_stats, running_count) -> _Guards:
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"batch_norm: overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+    if nonfinite_stats not in NONFINITE_POLICIES:
+        raise ValueError(f"batch_norm: nonfinite_stats must be one of {NONFINITE_POLICIES}, "
+                         f"got {nonfinite_stats!r}")
+    c = input.shape[1]
+    if overflow_stats is not None:
+        overflow_stats.check(c, input.device)
+    if running_count is not None and (running_count.numel() != c or running_count.dtype != torch.int64
+                                      or running_count.device != input.device):
+        raise RuntimeError(f"batch_norm: running_count must be an int64 tensor of {c} elements on "
+                           f"{input.device}, got {running_count.dtype} {tuple(running_count.shape)} "
+                           f"on {running_count.device}")
+    return _Guards(overflow == "saturate", nonfinite_stats == "skip", running_count,
+                   None if overflow_stats is None else overflow_stats.count,
+                   None if overflow_stats is None else overflow_stats.max_abs)
+
+
 def _run(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-         activation, negative_slope, renorm=False, rmax=1.0, dmax=0.0):
+         activation, negative_slope, renorm=False, rmax=1.0, dmax=0.0, guards=NO_GUARDS):
     c = input.shape[1]
     y, _mean, _invstd, _rd = ops.BatchNormFunction.apply(
         input, _flat(weight, c), _flat(bias, c), _flat(running_mean, c), _flat(running_var, c),
         bool(training), float(momentum), float(eps), residual, activation or "",
-        float(negative_slope), bool(renorm), float(rmax), float(dmax))
+        float(negative_slope), bool(renorm), float(rmax), float(dmax), guards.saturate,
+        guards.skip_nonfinite, guards.running_count, guards.overflow_count, guards.overflow_max)
     return y
 
 
@@ -68,7 +104,10 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, *,
                activation: Optional[str] = None, negative_slope: float = 0.01,
-               residual: Optional[Tensor] = None, mode: str = "spatial") -> Tensor:
+               residual: Optional[Tensor] = None, mode: str = "spatial",
+               overflow: str = "propagate", overflow_stats=None,
+               nonfinite_stats: str = "propagate",
+               running_count: Optional[Tensor] = None) -> Tensor:
     """Batch normalization with the signature and semantics of torch.nn.functional.batch_norm.
 
     ``input`` is (N, C, ...) in float16, bfloat16, float32 (or float64); contiguous,
@@ -86,20 +125,38 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         (cuDNN's BATCHNORM_MODE_PER_ACTIVATION: statistics over the batch only, per
         (channel, position); weight, bias and running statistics then have C * prod(spatial)
         elements, e.g. shape (C, H, W)).
+
+    Half-precision guards (see tritonbn.overflow), decided in the kernels without host syncs:
+      * ``overflow``: "propagate" (IEEE, like torch: finite results beyond the output dtype's
+        range become inf) or "saturate" (they become +-max of the dtype, e.g. +-65504 for
+        float16; NaN stays NaN), forward and backward, and for running statistics stored in
+        half precision;
+      * ``overflow_stats``: a tritonbn.overflow.OverflowStats that accumulates, per channel, the
+        outputs that overflowed (or were saturated) and the largest |y|, in the same pass;
+      * ``nonfinite_stats``: "skip" leaves a channel's running statistics (and its
+        ``running_count``) untouched when its batch statistics are not finite;
+      * ``running_count``: per-channel int64 batch counts for a cumulative running average
+        (what momentum=None means in the modules), incremented in the kernel; momentum unused.
     """
     check_epilogue_args(input, activation, negative_slope, residual)
     if mode not in MODES:
         raise ValueError(f"batch_norm: mode must be one of {MODES}, got {mode!r}")
     if mode == "per_activation" and isinstance(input, Tensor) and input.dim() > 2:
+        if overflow_stats is not None or running_count is not None:
+            raise ValueError("batch_norm: overflow_stats and running_count are per channel: "
+                             "mode='spatial' only")
         check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
                               eps, per_activation=True)
 
         def run(x2, rm, rv, w, b, r2):
-            return _run(x2, rm, rv, w, b, training, momentum, eps, r2, activation, negative_slope)
+            guards = _guards(x2, overflow, None, nonfinite_stats, None)
+            return _run(x2, rm, rv, w, b, training, momentum, eps, r2, activation, negative_slope,
+                        guards=guards)
         return _per_activation(input, (running_mean, running_var, weight, bias), residual, run)
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    guards = _guards(input, overflow, overflow_stats, nonfinite_stats, running_count)
     return _run(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-                activation, negative_slope)
+                activation, negative_slope, guards=guards)
 
 
 def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,

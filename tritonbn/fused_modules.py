@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import batch_norm, batch_renorm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _average_factor
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _average_factor, guard_kwargs
 from .validate import check_epilogue_args
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
@@ -42,7 +42,7 @@ class _ActMixin:
         training, rm, rv = _running(self)
         return batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps,
                           activation=self.activation, negative_slope=self.negative_slope,
-                          residual=residual, mode=self._mode)
+                          residual=residual, mode=self._mode, **guard_kwargs(self))
 
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from . import dispatch
 from .kernels import (
+    bn_merge_partials_kernel,
     bn_bwd_apply_kernel,
     bn_bwd_onepass_kernel,
     bn_bwd_partial_kernel,
@@ -127,6 +128,8 @@ class Epilogue:
     act: int = 0                                # activation code (kernels.activations)
     slope: float = 0.01                         # leaky_relu negative slope
     renorm: tuple[float, float] | None = None   # batch renorm (rmax, dmax), training only
+    saturate: bool = False                      # output policy: clamp to the dtype's range
+    skip_nonfinite: bool = False                # running stats skip non-finite channels
 
 
 PLAIN = Epilogue()
@@ -134,9 +137,16 @@ _NO_STRIDES = (0, 0, 0)
 
 
 def forward(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
-            eps: float, residual=None, epi: Epilogue = PLAIN):
+            eps: float, residual=None, epi: Epilogue = PLAIN, running_count=None,
+            overflow_count=None, overflow_max=None, sync=None):
     """Batch norm forward: y = act(BN(x) + residual). Returns (y, save_mean, save_invstd,
-    save_rd); updates the running statistics in training. save_rd is renorm's (r, d) or empty."""
+    save_rd); updates the running statistics in training. save_rd is renorm's (r, d) or empty.
+
+    ``running_count`` (C,) int64: per-channel batch counts for a cumulative running average
+    (momentum unused), incremented by the kernel. ``overflow_count`` (C,) int64 and
+    ``overflow_max`` (C,) float32 accumulate the outputs that overflow and the largest |y|.
+    ``sync`` (training only): a function from this batch's (3, C) (count, mean, M2) summary to
+    the (3, K, C) summaries of every process, which then normalize x -- synchronized batch norm."""
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=output_memory_format(x))
@@ -144,7 +154,7 @@ def forward(x, weight, bias, running_mean, running_var, training: bool, momentum
     save_invstd = torch.empty(c, dtype=acc, device=x.device)
     renorm = training and epi.renorm is not None
     save_rd = torch.empty((2, c) if renorm else (0,), dtype=acc, device=x.device)
-    if x.numel() == 0:
+    if x.numel() == 0 and sync is None:
         # torch leaves the running statistics alone on an empty batch; nothing to normalize.
         save_mean.zero_()
         save_invstd.zero_()
@@ -167,25 +177,36 @@ def forward(x, weight, bias, running_mean, running_var, training: bool, momentum
                   HAS_RES=residual is not None, ACT=epi.act, RENORM=renorm, plan=plan)
     scalars = (float(momentum), float(eps), float(epi.slope), float(rmax), float(dmax))
     c_blocks = dispatch.cdiv(c, plan.block_c)
+    counting = overflow_count is not None
+    ovf = (overflow_count, overflow_max) if counting else (save_mean, save_mean)
+    run_count = running_count if running_count is not None else save_mean
+    common.update(SKIP_NONFINITE=epi.skip_nonfinite, CUMULATIVE=running_count is not None,
+                  SATURATE=epi.saturate, COUNT_OVERFLOW=counting)
 
-    if training and plan.variant == "onepass":
+    # An empty batch in a synchronized step still finalizes the shared statistics (so every
+    # process updates its running statistics alike): its grid has one program and no tiles.
+    if training and plan.variant == "onepass" and sync is None:
         # One program per channel reads the running statistics before it updates them.
-        _launch(bn_fwd_onepass_kernel, (c_blocks,), x, y, res, rm, rv, rm, rv, w, b, save_mean,
-                save_invstd, save_rd, view.n, c, view.s, *strides, *scalars,
+        _launch(bn_fwd_onepass_kernel, (c_blocks,), x, y, res, rm, rv, run_count, rm, rv, w, b,
+                save_mean, save_invstd, save_rd, *ovf, view.n, c, view.s, *strides, *scalars,
                 UPDATE_RUNNING=update, **common)
     else:
         n_tiles_s, n_tiles, per_split, splits = dispatch.grid_tiles(plan, view.n, view.s)
         part = save_mean
         if training:
-            part = torch.empty((3, splits, c), dtype=acc, device=x.device)
+            part, part_splits = torch.empty((3, splits, c), dtype=acc, device=x.device), splits
             _launch(bn_stats_partial_kernel, (c_blocks, splits), x, part, view.n, c, view.s,
                     *strides[:3], n_tiles_s, n_tiles, per_split, ACC=_tl(acc), plan=plan)
+        if sync is not None:
+            part = sync(merge_partials(part, moments=True))
+            part_splits = part.shape[1]
         # Renorm's r and d must come from the running statistics of before this step in every
         # program, while the first program of each channel block updates them: read a snapshot.
         stat_mean, stat_var = (rm.clone(), rv.clone()) if renorm else (rm, rv)
-        _launch(bn_fwd_apply_kernel, (c_blocks, splits), x, y, res, part, rm, rv, stat_mean,
-                stat_var, w, b, save_mean, save_invstd, save_rd, view.n, c, view.s, *strides,
-                n_tiles_s, n_tiles, per_split, splits if training else 0, *scalars,
+        _launch(bn_fwd_apply_kernel, (c_blocks, splits), x, y, res, part, rm, rv, run_count,
+                stat_mean, stat_var, w, b, save_mean, save_invstd, save_rd, *ovf, view.n, c,
+                view.s, *strides,
+                n_tiles_s, n_tiles, per_split, part_splits if training else 0, *scalars,
                 TRAINING=training, UPDATE_RUNNING=update, **common)
 
     if update:
@@ -195,10 +216,31 @@ def forward(x, weight, bias, running_mean, running_var, training: bool, momentum
     return y, save_mean, save_invstd, save_rd
 
 
+def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
+    """(Q, K, C) partials -> (Q, C): Chan-merged moments (Q = 3) or summed sums (Q = 2)."""
+    q, k, c = part.shape
+    out = torch.empty((q, c), dtype=part.dtype, device=part.device)
+    block_c = 128
+    kernel = bn_merge_partials_kernel
+    grid = (dispatch.cdiv(c, block_c),)
+    if _captured is not None:
+        _captured.append((kernel, grid, (part, out, c, k), dict(MOMENTS=moments, ACC=_tl(part.dtype),
+                                                             BLOCK_C=block_c, num_warps=4)))
+        return out
+    kernel[grid](part, out, c, k, MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_C=block_c,
+                 num_warps=4)
+    LAUNCHES[kernel.fn.__name__] += 1
+    return out
+
+
 def backward(dy, x, weight, bias, residual, save_mean, save_invstd, save_rd, training: bool,
-             need_sums: bool, epi: Epilogue = PLAIN):
+             need_sums: bool, epi: Epilogue = PLAIN, sync=None):
     """Backward of y = act(BN(x) + residual). Returns (dx, grad_weight, grad_bias, grad_residual);
-    the parameter grads are float32/64; grad_residual is None without an activation (it is dy)."""
+    the parameter grads are float32/64; grad_residual is None without an activation (it is dy).
+
+    ``sync`` (training only): a function from this batch's (2, C) sums (dz, dz * x_hat) to
+    (the sums over every process's batch, their element count per channel); dx then uses the
+    global sums while grad_weight / grad_bias stay this process's own, as in torch."""
     c = x.shape[1]
     acc = save_mean.dtype
     dx = torch.empty_like(x, memory_format=output_memory_format(x))
@@ -207,7 +249,7 @@ def backward(dy, x, weight, bias, residual, save_mean, save_invstd, save_rd, tra
         if write_dres else None
     dw = torch.zeros(c, dtype=acc, device=x.device)
     db = torch.zeros(c, dtype=acc, device=x.device)
-    if x.numel() == 0:
+    if x.numel() == 0 and sync is None:
         return dx, dw, db, dres
 
     outs = [dy, dx] + ([residual] if residual is not None else []) + ([dres] if write_dres else [])
@@ -233,10 +275,11 @@ def backward(dy, x, weight, bias, residual, save_mean, save_invstd, save_rd, tra
     c_blocks = dispatch.cdiv(c, plan.block_c)
     dres_k = dres if write_dres else dx
 
-    if plan.variant == "onepass":
+    if plan.variant == "onepass" and sync is None:
         _launch(bn_bwd_onepass_kernel, (c_blocks,), x, dy, dx, res, dres_k, save_mean, save_invstd,
                 w, b, rd, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res, *s_dres,
-                float(epi.slope), TRAINING=training, WRITE_DRES=write_dres, **common)
+                float(epi.slope), TRAINING=training, WRITE_DRES=write_dres,
+                SATURATE=epi.saturate, **common)
         return dx, dw, db, dres
 
     n_tiles_s, n_tiles, per_split, splits = dispatch.grid_tiles(plan, view.n, view.s)
@@ -246,8 +289,17 @@ def backward(dy, x, weight, bias, residual, save_mean, save_invstd, save_rd, tra
         _launch(bn_bwd_partial_kernel, (c_blocks, splits), x, dy, res, save_mean, save_invstd, w,
                 b, rd, part, view.n, c, view.s, *s_x, *s_dy, *s_res, n_tiles_s, n_tiles,
                 per_split, float(epi.slope), **common)
+    part_splits, total = (splits if need_sums else 0), float(view.n * view.s)
+    if sync is not None:
+        local = merge_partials(part, moments=False)
+        db, dw = local[0], local[1]
+        part, total = sync(local)
+        part, part_splits = part.reshape(2, 1, c), 1
+    if x.numel() == 0:
+        return dx, dw, db, dres
     _launch(bn_bwd_apply_kernel, (c_blocks, splits), x, dy, dx, res, dres_k, save_mean,
             save_invstd, w, b, rd, part, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res,
-            *s_dres, n_tiles_s, n_tiles, per_split, splits if need_sums else 0, float(epi.slope),
-            TRAINING=training, WRITE_SUMS=need_sums, WRITE_DRES=write_dres, **common)
+            *s_dres, n_tiles_s, n_tiles, per_split, part_splits, total, float(epi.slope),
+            TRAINING=training, WRITE_SUMS=need_sums and sync is None, WRITE_DRES=write_dres,
+            SATURATE=epi.saturate, **common)
     return dx, dw, db, dres

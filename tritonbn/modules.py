@@ -1,4 +1,4 @@
-"""nn.Module drop-ins: tritonbn.BatchNorm1d / 2d / 3d and BatchNormNd.
+"""nn.Module drop-ins: tritonbn.BatchNorm1d / 2d / 3d (SyncBatchNorm is in tritonbn.sync).
 
 Each class subclasses the torch.nn class it replaces and overrides ``forward`` only, so it has
 torch's constructor (whatever arguments the installed torch version takes), parameters, buffers,
@@ -16,7 +16,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import batch_norm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormNd"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
 def _average_factor(module: _BatchNorm) -> float:
@@ -36,6 +36,22 @@ def _average_factor(module: _BatchNorm) -> float:
     return factor
 
 
+def guard_kwargs(module: _BatchNorm) -> dict:
+    """The half-precision guards a module carries (set by tritonbn.overflow.set_policy and
+    tritonbn.overflow.monitor), as keyword arguments of tritonbn.batch_norm."""
+    kwargs = {}
+    if getattr(module, "overflow", "propagate") != "propagate":
+        kwargs["overflow"] = module.overflow
+    if getattr(module, "overflow_stats", None) is not None:
+        kwargs["overflow_stats"] = module.overflow_stats
+    if getattr(module, "nonfinite_stats", "propagate") != "propagate":
+        kwargs["nonfinite_stats"] = module.nonfinite_stats
+        count = getattr(module, "channel_batches_tracked", None)
+        if module.momentum is None and count is not None and module.training:
+            kwargs["running_count"] = count  # a skipped channel does not count the batch
+    return kwargs
+
+
 class _TritonBatchNormMixin:
     """The forward shared by every tritonbn batch-norm module: torch's logic, tritonbn's op."""
 
@@ -50,7 +66,7 @@ class _TritonBatchNormMixin:
         running_mean: Optional[Tensor] = self.running_mean if pass_running else None
         running_var: Optional[Tensor] = self.running_var if pass_running else None
         return batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                          use_batch_stats, factor, self.eps)
+                          use_batch_stats, factor, self.eps, **guard_kwargs(self))
 
 
 class BatchNorm1d(_TritonBatchNormMixin, torch.nn.BatchNorm1d):
@@ -63,19 +79,3 @@ class BatchNorm2d(_TritonBatchNormMixin, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_TritonBatchNormMixin, torch.nn.BatchNorm3d):
     """torch.nn.BatchNorm3d on (N, C, D, H, W) input, computed by tritonbn's Triton kernels."""
-
-
-class BatchNormNd(_TritonBatchNormMixin, _BatchNorm):
-    """Batch norm over dim 1 of any input with 2 or more dims, computed by tritonbn's kernels.
-
-    This is what ``tritonbn.convert_model`` turns a ``torch.nn.SyncBatchNorm`` into: SyncBatchNorm
-    does not know its input's dimensionality either, and on a single process it is plain batch
-    norm. BatchNormNd never synchronizes statistics across processes; convert_model leaves a
-    SyncBatchNorm alone when a process group of more than one process would be used.
-    A converted module keeps SyncBatchNorm's ``process_group`` attribute, so
-    ``tritonbn.restore_model`` can turn it back.
-    """
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")

@@ -24,9 +24,19 @@ def _use_reference(t: Tensor) -> bool:
     return t.device.type == "cpu" and not dispatch.interpreter_enabled()
 
 
-def _epilogue(activation: str, slope: float, renorm: bool, rmax: float, dmax: float):
+def _epilogue(activation: str, slope: float, renorm: bool, rmax: float, dmax: float,
+              saturate: bool = False, skip_nonfinite: bool = False):
     return launch.Epilogue(ACTIVATIONS[activation or None], slope,
-                           (rmax, dmax) if renorm else None)
+                           (rmax, dmax) if renorm else None, saturate, skip_nonfinite)
+
+
+def _reference_overflow(y64, dtype, overflow_count, overflow_max):
+    """The kernels' fused counters, recomputed in torch for the reference path."""
+    dims = [0] + list(range(2, y64.dim()))
+    over = torch.isinf(y64.to(dtype)) & torch.isfinite(y64)
+    overflow_count.add_(over.sum(dims).to(overflow_count.dtype))
+    biggest = torch.nan_to_num(y64.abs(), nan=0.0).amax(dims).to(overflow_max.dtype)
+    overflow_max.copy_(torch.maximum(overflow_max, biggest))
 
 
 def _reference_renorm_rd(input, running_mean, running_var, eps, rmax, dmax):
@@ -39,12 +49,16 @@ def _reference_renorm_rd(input, running_mean, running_var, eps, rmax, dmax):
     return r, d
 
 
-@torch.library.custom_op("tritonbn::batch_norm_forward", mutates_args=("running_mean", "running_var"))
+@torch.library.custom_op("tritonbn::batch_norm_forward",
+                         mutates_args=("running_mean", "running_var", "running_count",
+                                       "overflow_count", "overflow_max"))
 def batch_norm_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        running_mean: Optional[Tensor], running_var: Optional[Tensor],
                        training: bool, momentum: float, eps: float, residual: Optional[Tensor],
-                       activation: str, slope: float, renorm: bool, rmax: float,
-                       dmax: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       activation: str, slope: float, renorm: bool, rmax: float, dmax: float,
+                       saturate: bool, skip_nonfinite: bool, running_count: Optional[Tensor],
+                       overflow_count: Optional[Tensor],
+                       overflow_max: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, save_mean, save_invstd, save_rd): statistics in float32 (float64 for float64 input);
     save_rd is batch renorm's (2, C) r and d, or empty."""
     renorm = renorm and training
@@ -54,18 +68,26 @@ def batch_norm_forward(input: Tensor, weight: Optional[Tensor], bias: Optional[T
               if renorm and input.numel() else None)
         y, mean, invstd = reference.batch_norm_reference(
             input, running_mean, running_var, weight, bias, training, momentum, eps,
-            residual=residual, activation=activation or None, slope=slope, renorm_rd=rd)
+            residual=residual, activation=activation or None, slope=slope, renorm_rd=rd,
+            skip_nonfinite=skip_nonfinite, running_count=running_count if training else None,
+            saturate=saturate)
+        if overflow_count is not None and input.numel():
+            _reference_overflow(y.detach(), input.dtype, overflow_count, overflow_max)
         out = torch.empty_like(input, memory_format=output_memory_format(input))
         save_rd = torch.stack(rd).to(acc) if rd is not None else input.new_zeros(
             (2, input.shape[1]) if renorm else (0,), dtype=acc)
-        return out.copy_(y), mean.to(acc), invstd.to(acc), save_rd
+        return (out.copy_(reference.fit_reference(y.detach(), input.dtype, saturate)),
+                mean.to(acc), invstd.to(acc), save_rd)
     return launch.forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                          residual, _epilogue(activation, slope, renorm, rmax, dmax))
+                          residual,
+                          _epilogue(activation, slope, renorm, rmax, dmax, saturate, skip_nonfinite),
+                          running_count, overflow_count, overflow_max)
 
 
 @batch_norm_forward.register_fake
 def _(input, weight, bias, running_mean, running_var, training, momentum, eps, residual,
-      activation, slope, renorm, rmax, dmax):
+      activation, slope, renorm, rmax, dmax, saturate, skip_nonfinite, running_count,
+      overflow_count, overflow_max):
     acc = launch.acc_dtype(input.dtype)
     c = input.shape[1]
     y = torch.empty_like(input, memory_format=output_memory_format(input))
@@ -77,7 +99,8 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps, r
 def batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Optional[Tensor],
                         bias: Optional[Tensor], residual: Optional[Tensor], save_mean: Tensor,
                         save_invstd: Tensor, save_rd: Tensor, training: bool, param_grads: bool,
-                        activation: str, slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        activation: str, slope: float,
+                        saturate: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias, grad_residual); parameter grads in the statistics
     dtype; grad_residual is empty when there is no activation (it is grad_out itself)."""
     if _use_reference(input):
@@ -87,19 +110,21 @@ def batch_norm_backward(grad_out: Tensor, input: Tensor, weight: Optional[Tensor
             residual=residual, activation=activation or None, slope=slope, renorm_rd=rd)
         out = torch.empty_like(input, memory_format=output_memory_format(input))
         if residual is not None and activation:
-            dres = torch.empty_like(residual, memory_format=output_memory_format(residual)).copy_(dres)
+            dres = torch.empty_like(residual, memory_format=output_memory_format(residual)).copy_(
+                reference.fit_reference(dres, residual.dtype, saturate))
         else:
             dres = input.new_empty((0,))
-        return out.copy_(dx), dw.to(save_mean.dtype), db.to(save_mean.dtype), dres
+        return (out.copy_(reference.fit_reference(dx, input.dtype, saturate)),
+                dw.to(save_mean.dtype), db.to(save_mean.dtype), dres)
     dx, dw, db, dres = launch.backward(grad_out, input, weight, bias, residual, save_mean,
                                        save_invstd, save_rd, training, param_grads,
-                                       _epilogue(activation, slope, False, 1.0, 0.0))
+                                       _epilogue(activation, slope, False, 1.0, 0.0, saturate))
     return dx, dw, db, dres if dres is not None else input.new_empty((0,))
 
 
 @batch_norm_backward.register_fake
 def _(grad_out, input, weight, bias, residual, save_mean, save_invstd, save_rd, training,
-      param_grads, activation, slope):
+      param_grads, activation, slope, saturate):
     dx = torch.empty_like(input, memory_format=output_memory_format(input))
     if residual is not None and activation:
         dres = torch.empty_like(residual, memory_format=output_memory_format(residual))
@@ -117,21 +142,24 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                residual, activation, slope, renorm, rmax, dmax):
+                residual, activation, slope, renorm, rmax, dmax, saturate, skip_nonfinite,
+                running_count, overflow_count, overflow_max):
         return batch_norm_forward(input, weight, bias, running_mean, running_var, training,
-                                  momentum, eps, residual, activation, slope, renorm, rmax, dmax)
+                                  momentum, eps, residual, activation, slope, renorm, rmax, dmax,
+                                  saturate, skip_nonfinite, running_count, overflow_count,
+                                  overflow_max)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         (input, weight, bias, _rm, _rv, training, _momentum, _eps, residual, activation, slope,
-         _renorm, _rmax, _dmax) = inputs
+         _renorm, _rmax, _dmax, saturate, *_rest) = inputs
         _y, save_mean, save_invstd, save_rd = output
         ctx.mark_non_differentiable(save_mean, save_invstd, save_rd)
         # The residual is needed again only to recompute the activation's input.
         ctx.save_for_backward(input, weight, bias, residual if activation else None, save_mean,
                               save_invstd, save_rd)
         ctx.training = training
-        ctx.activation, ctx.slope = activation, slope
+        ctx.activation, ctx.slope, ctx.saturate = activation, slope, saturate
         ctx.res_dtype = residual.dtype if residual is not None else None
 
     @staticmethod
@@ -140,7 +168,7 @@ class BatchNormFunction(torch.autograd.Function):
         need_x, need_w, need_b, _, _, _, _, _, need_res = ctx.needs_input_grad[:9]
         dx, dw, db, dres = batch_norm_backward(
             grad_y, input, weight, bias, residual, save_mean, save_invstd, save_rd, ctx.training,
-            need_w or need_b, ctx.activation, ctx.slope)
+            need_w or need_b, ctx.activation, ctx.slope, ctx.saturate)
         if need_res and not ctx.activation:
             dres = grad_y  # y = BN(x) + residual: the residual's gradient is the output's
         return (
@@ -149,5 +177,5 @@ class BatchNormFunction(torch.autograd.Function):
             db.to(bias.dtype) if need_b else None,
             None, None, None, None, None,
             dres.to(ctx.res_dtype) if need_res else None,
-            None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["batch_norm_reference", "batch_norm_reference_backward", "activation_reference",
-           "activation_grad_reference"]
+           "activation_grad_reference", "fit_reference"]
 
 
 def activation_reference(z: torch.Tensor, name: str | None, slope: float = 0.01) -> torch.Tensor:
@@ -34,9 +34,21 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
+def fit_reference(v: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
+    """v (float64) cast to dtype; with ``saturate`` finite values that would become inf are
+    clamped to the dtype's largest finite value (NaN and inf stay)."""
+    out = v.to(dtype)
+    if saturate:
+        lim = torch.finfo(dtype).max
+        over = torch.isinf(out) & torch.isfinite(v)
+        out = torch.where(over, torch.where(v > 0, lim, -lim).to(dtype), out)
+    return out
+
+
 def batch_norm_reference(input, running_mean, running_var, weight=None, bias=None,
                          training=False, momentum=0.1, eps=1e-5, *, residual=None,
-                         activation=None, slope=0.01, renorm=None, renorm_rd=None):
+                         activation=None, slope=0.01, renorm=None, renorm_rd=None,
+                         skip_nonfinite=False, running_count=None, saturate=False):
     """Batch norm in float64: y = act(BN(x) + residual). Returns (y, mean, invstd), float64;
     y keeps autograd history.
 
@@ -67,10 +79,19 @@ def batch_norm_reference(input, running_mean, running_var, weight=None, bias=Non
         if running_mean is not None and count > 0:
             with torch.no_grad():
                 unbiased = var.detach() * count / max(count - 1, 1)
-                new_mean = (1 - momentum) * running_mean.double().reshape(-1) + momentum * mean.detach()
-                new_var = (1 - momentum) * running_var.double().reshape(-1) + momentum * unbiased
-                running_mean.copy_(new_mean.view_as(running_mean))
-                running_var.copy_(new_var.view_as(running_var))
+                old_mean = running_mean.double().reshape(-1)
+                old_var = running_var.double().reshape(-1)
+                w = momentum if running_count is None else 1.0 / (running_count.double() + 1)
+                new_mean = (1 - w) * old_mean + w * mean.detach()
+                new_var = (1 - w) * old_var + w * unbiased
+                ok = torch.ones_like(new_mean, dtype=torch.bool)
+                if skip_nonfinite:
+                    ok = torch.isfinite(mean.detach()) & torch.isfinite(unbiased)
+                    new_mean, new_var = torch.where(ok, new_mean, old_mean), torch.where(ok, new_var, old_var)
+                if running_count is not None:
+                    running_count.add_(ok.to(running_count.dtype))
+                running_mean.copy_(fit_reference(new_mean, running_mean.dtype, saturate).view_as(running_mean))
+                running_var.copy_(fit_reference(new_var, running_var.dtype, saturate).view_as(running_var))
     else:
         mean = running_mean.detach().double().reshape(-1)
         var = running_var.detach().double().reshape(-1)
