@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tritonbn.reference import batch_norm_reference
 
@@ -65,3 +66,40 @@ def reference(x, running_mean, running_var, weight, bias, training, momentum=0.1
 def assert_close(actual, expected, **tolerance):
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), equal_nan=True,
                                **tolerance)
+
+
+class OpLog(TorchDispatchMode):
+    """The operators dispatched inside the block that produce a tensor of ``numel`` elements:
+    what touched activation-sized data."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.ops = numel, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if any(isinstance(o, torch.Tensor) and o.numel() == self.numel for o in outs):
+            self.ops.add(str(func))
+        return out
+
+
+# Operators that touch activations without computing on them: views, allocations, and autograd's
+# copy of a gradient into a leaf's .grad (the residual's gradient is grad_output itself when no
+# activation follows the add).
+NO_COMPUTE = {"aten.detach.default", "aten.empty_like.default", "aten.empty.memory_format",
+              "aten.empty_strided.default", "aten.new_empty_strided.default", "aten.copy_.default"}
+TRITONBN_OPS = {"tritonbn.batch_norm_forward.default", "tritonbn.batch_norm_backward.default"}
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd saves for backward while fn runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())

@@ -6,24 +6,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import tritonbn
 from tritonbn.dispatch import forced_plan
-from helpers import assert_close, make_input, reduction_size, tol
+from helpers import NO_COMPUTE, TRITONBN_OPS, OpLog, assert_close, make_input, reduction_size, saved_bytes, tol
+from tritonbn.reference import activation_reference
 
 ACTS = ["relu", "relu6", "leaky_relu", "silu", "gelu", "gelu_tanh", "hardswish", "sigmoid", "tanh"]
 
 
 def torch_act(z, name, slope=0.2):
-    if name is None:
-        return z
-    if name == "leaky_relu":
-        return F.leaky_relu(z, slope)
-    if name == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    return {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "gelu": F.gelu,
-            "hardswish": F.hardswish, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[name](z)
+    return activation_reference(z, name, slope)
 
 
 def unfused64(x, res, w, b, rm, rv, training, act):
@@ -111,50 +104,20 @@ def test_float32_residual_with_half_input(device):
            res_dtype=torch.float32)
 
 
-class _OpLog(TorchDispatchMode):
-    """Every operator dispatched, with the sizes of its tensor outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outs = out if isinstance(out, (tuple, list)) else [out]
-        self.ops.append((str(func), [o.numel() for o in outs if isinstance(o, torch.Tensor)]))
-        return out
-
-
 def test_one_fused_pass_no_torch_ops_over_the_activation(device):
     x = make_input((4, 8, 6, 6), torch.float16, "channels_last", device, seed=21).requires_grad_()
     res = make_input((4, 8, 6, 6), torch.float16, "channels_last", device, seed=22).requires_grad_()
     w = torch.ones(8, device=device, requires_grad=True)
     b = torch.zeros(8, device=device, requires_grad=True)
     rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
-    with _OpLog() as log, tritonbn.count_launches() as launches:
+    with OpLog(x.numel()) as log, tritonbn.count_launches() as launches:
         y = tritonbn.batch_norm(x, rm, rv, w, b, True, activation="relu", residual=res)
         y.backward(torch.ones_like(y))
     # the only operators that produce activation-sized tensors are the tritonbn ops themselves
     # and allocations (plus ones_like for the gradient above): no add, no relu, no threshold
-    big = {name for name, sizes in log.ops if x.numel() in sizes}
-    allowed = {"tritonbn.batch_norm_forward.default", "tritonbn.batch_norm_backward.default",
-               "aten.empty_like.default", "aten.empty.memory_format", "aten.empty_strided.default",
-               "aten.ones_like.default", "aten.detach.default"}  # detach: a view, no compute
-    assert big <= allowed, big - allowed
+    extra = log.ops - TRITONBN_OPS - NO_COMPUTE - {"aten.ones_like.default"}
+    assert not extra, extra
     assert dict(launches) == {"bn_fwd_onepass_kernel": 1, "bn_bwd_onepass_kernel": 1}
-
-
-def _saved_bytes(fn):
-    """Bytes of distinct storages autograd saves for backward while fn runs."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def test_fused_saves_fewer_bytes_for_backward_than_torch(device):
@@ -164,9 +127,9 @@ def test_fused_saves_fewer_bytes_for_backward_than_torch(device):
     b = torch.zeros(16, device=device, requires_grad=True)
     act_bytes = x.numel() * x.element_size()
 
-    fused = _saved_bytes(lambda: tritonbn.batch_norm(x, None, None, w, b, True, activation="relu"))
-    unfused = _saved_bytes(lambda: F.relu(F.batch_norm(x.float(), None, None, w, b, True).half()))
-    torch_half = _saved_bytes(lambda: F.relu(F.batch_norm(x, None, None, w.half(), b.half(), True)))
+    fused = saved_bytes(lambda: tritonbn.batch_norm(x, None, None, w, b, True, activation="relu"))
+    unfused = saved_bytes(lambda: F.relu(F.batch_norm(x.float(), None, None, w, b, True).half()))
+    torch_half = saved_bytes(lambda: F.relu(F.batch_norm(x, None, None, w.half(), b.half(), True)))
     # ours: x and per-channel float32 statistics; torch: x and the activation's output as well
     assert fused < act_bytes + 1024
     assert unfused > fused + act_bytes and torch_half > fused + act_bytes // 2
@@ -179,7 +142,7 @@ def test_fused_saves_fewer_bytes_for_backward_than_torch(device):
         if fused_op:
             return tritonbn.batch_norm(h, None, None, w, b, True, activation="relu", residual=x)
         return F.relu(F.batch_norm(h, None, None, w.half(), b.half(), True) + x)
-    assert _saved_bytes(lambda: block(True)) < _saved_bytes(lambda: block(False))
+    assert saved_bytes(lambda: block(True)) < saved_bytes(lambda: block(False))
 
 
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "gelu"])
