@@ -89,14 +89,19 @@ def capture_launches():
         _captured = previous
 
 
-def _launch(kernel, grid, *args, plan: dispatch.Plan, **constexprs):
-    kwargs = dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s, BLOCK_C=plan.block_c,
-                  USE_INT64=plan.use_int64, num_warps=plan.num_warps, **constexprs)
+def _run(kernel, grid, args, kwargs) -> None:
+    """Launch (and count) a kernel, or record the launch while capture_launches is active."""
     if _captured is not None:
         _captured.append((kernel, grid, args, kwargs))
         return
     kernel[grid](*args, **kwargs)
     LAUNCHES[kernel.fn.__name__] += 1
+
+
+def _launch(kernel, grid, *args, plan: dispatch.Plan, **constexprs):
+    _run(kernel, grid, args, dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s,
+                                  BLOCK_C=plan.block_c, USE_INT64=plan.use_int64,
+                                  num_warps=plan.num_warps, **constexprs))
 
 
 def _view_or_copy(x: torch.Tensor, others: list[torch.Tensor]):
@@ -220,16 +225,9 @@ def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
     """(Q, K, C) partials -> (Q, C): Chan-merged moments (Q = 3) or summed sums (Q = 2)."""
     q, k, c = part.shape
     out = torch.empty((q, c), dtype=part.dtype, device=part.device)
-    block_c = 128
-    kernel = bn_merge_partials_kernel
-    grid = (dispatch.cdiv(c, block_c),)
-    if _captured is not None:
-        _captured.append((kernel, grid, (part, out, c, k), dict(MOMENTS=moments, ACC=_tl(part.dtype),
-                                                             BLOCK_C=block_c, num_warps=4)))
-        return out
-    kernel[grid](part, out, c, k, MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_C=block_c,
-                 num_warps=4)
-    LAUNCHES[kernel.fn.__name__] += 1
+    block_c = 128  # (Q, K, C) is tiny: one pass of 128 channels per program, any K
+    _run(bn_merge_partials_kernel, (dispatch.cdiv(c, block_c),), (part, out, c, k),
+         dict(MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_C=block_c, num_warps=4))
     return out
 
 
