@@ -16,6 +16,9 @@ except Exception:  # pragma: no cover - torch is a hard dependency
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests assert the dispatcher's heuristics: a tuning table in the user's cache must not change
+# them (the tuning tests point TRITONBN_TUNING_TABLE at their own tables).
+os.environ.setdefault("TRITONBN_TUNING_TABLE", "off")
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -49,3 +52,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line("none")
     for name, count in sorted(LAUNCHES.items()):
         terminalreporter.write_line(f"{name:28} {count:6d}")
+
+
+@pytest.fixture
+def table_path(tmp_path, monkeypatch):
+    """A private tuning table (and cache dir) for the dispatcher; plan caches cleared around it."""
+    from tritonbn import dispatch, tuning_table
+
+    path = tmp_path / "tuning.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv(tuning_table.ENV, str(path))
+    dispatch.reload_tuning_table()
+    yield path
+    dispatch.reload_tuning_table()

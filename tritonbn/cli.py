@@ -1,6 +1,7 @@
 """Command line: ``tritonbn demo`` (check against torch on this machine), ``tritonbn info``
-(which plan a shape gets and why) and ``tritonbn check-compile`` (compile every plan for real
-GPUs and gate on what the compiler reports). Also ``python -m tritonbn``."""
+(which plan a shape gets and why), ``tritonbn check-compile`` (compile every plan for real
+GPUs and gate on what the compiler reports), ``tritonbn tune`` (sweep plans, write the tuning
+table) and ``tritonbn bench`` (compare with torch and other peers). Also ``python -m tritonbn``."""
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,25 @@ def demo(args) -> int:
     return 1
 
 
+def _table_line(device) -> str:
+    """Which tuning table the dispatcher reads and what it holds for this device."""
+    from tritonbn import tuning_table
+
+    path = tuning_table.active_path()
+    if path is None:
+        return f"tuning table: off (${tuning_table.ENV}=off): heuristic plans"
+    table = tuning_table.dispatch_table()
+    if table.problem:
+        return f"tuning table: {path} ignored ({table.problem}): heuristic plans"
+    if not table.entries:
+        return f"tuning table: none at {path}: heuristic plans (run `tritonbn tune`)"
+    mine = table.for_gpu(device.name, tuning_table.triton_version())
+    return (f"tuning table: {path}: {len(mine)} entries for {device.name} with triton "
+            f"{tuning_table.triton_version()} ({len(table.entries)} in all)")
+
+
 def info(args) -> int:
-    from tritonbn import dispatch
+    from tritonbn import dispatch, launch
     from tritonbn.layout import max_offset, plane_view
 
     shape = tuple(int(s) for s in args.shape.split(","))
@@ -111,12 +129,17 @@ def info(args) -> int:
         x = x.contiguous()
         view = plane_view(x.shape, [x])
     device = dispatch.device_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # as the launchers decide it (a meta tensor's data_ptr is 0: an aligned pointer)
+    aligned = launch._aligned(view, [x])
     print(f"device: {device.name} ({device.sm_count} SMs)")
+    print(_table_line(device))
     print(f"input {shape} {args.dtype} {args.layout} -> plane view N={view.n} C={view.c} "
-          f"S={view.s} strides={view.strides[0]} channels_minor={view.channels_minor}")
+          f"S={view.s} strides={view.strides[0]} channels_minor={view.channels_minor} "
+          f"aligned={aligned}")
     for op in dispatch.OPS if args.op == "all" else [args.op]:
+        # no dtype=: the launchers pass the element size only, and this must show what they get
         p = dispatch.make_plan(op, view.n, view.c, view.s, view.channels_minor, x.element_size(),
-                               max_offset(view), device)
+                               max_offset(view), device, aligned)
         grid = ""
         if p.variant == "split":
             _, n_tiles, per_split, splits = dispatch.grid_tiles(p, view.n, view.s)
@@ -143,9 +166,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("overflow", add_help=False,
                    help="profile batch norm near float16's limit against torch and a naive "
                         "half-precision implementation (see --help)")
+    sub.add_parser("tune", add_help=False,
+                   help="sweep kernel plans for shapes on this GPU and write the tuning table "
+                        "the dispatcher reads (see --help)")
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark against torch eager, torch.compile and other installed "
+                        "implementations; write results under bench/results (see --help)")
     if argv[:1] == ["check-compile"]:
         from . import compile_check
         return compile_check.main(argv[1:])
+    if argv[:1] == ["tune"]:
+        _ensure_kernels_can_run(argv)
+        from . import tune
+        return tune.main(argv[1:])
+    if argv[:1] == ["bench"]:
+        _ensure_kernels_can_run(argv)
+        from . import benchmark
+        return benchmark.main(argv[1:])
     if argv[:1] == ["overflow"]:
         _ensure_kernels_can_run(argv)
         from . import overflow

@@ -9,6 +9,9 @@ specialization with ``triton.compile`` for that target, and reads the cubin with
 ``cuobjdump`` / ``nvdisasm`` that ship in the triton wheel: registers, stack, local memory
 (spills), shared memory, occupancy per SM, and the widths of global loads and stores in SASS.
 
+Plans from the tuning table (``tritonbn tune``) for GPUs of a target's architecture are compiled
+as well, on the shapes they were tuned for (``tuned_problems``).
+
 A plan fails when it does not compile, spills to local memory, needs more shared memory than
 the target has, or -- for float16/bfloat16 activations whose addresses allow it -- moves
 activations with global accesses narrower than 8 bytes.
@@ -35,8 +38,8 @@ import torch
 from . import dispatch, launch
 from .dispatch import DeviceInfo
 
-__all__ = ["TARGETS", "Problem", "problems", "capture", "specialize", "compile_and_inspect",
-           "run_check", "main"]
+__all__ = ["TARGETS", "Problem", "problems", "tuned_problems", "capture", "specialize",
+           "compile_and_inspect", "run_check", "main"]
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,10 @@ SWEEP_SHAPES = [(n, c, s, s) for n in (1, 256) for c in (1, 3, 8, 32, 70, 2048)
 
 
 def problems(subset: str = "full") -> list[Problem]:
-    """The (op, shape, dtype, layout) grid; "ci" is CI_SHAPES in half precision only."""
+    """The (op, shape, dtype, layout) grid; "ci" is CI_SHAPES in half precision only; "tuned"
+    is none of them (only the tuning table's plans, added by collect_specs)."""
+    if subset == "tuned":
+        return []
     shapes = CI_SHAPES if subset == "ci" else BENCH_SHAPES + SWEEP_SHAPES
     dtypes = ["float16", "bfloat16"] if subset == "ci" else list(DTYPES)
     out = []
@@ -359,8 +365,34 @@ def _compile_job(job):
     return compile_and_inspect(spec, target_key, dtype, aligned)
 
 
-def collect_specs(subset: str, target_keys: list[str], unaligned: bool = True):
-    """Distinct (spec, target, dtype, aligned) jobs, each with the problems that produce it."""
+def tuned_problems(target_key: str, table_path: str | None = None) -> list[tuple[Problem, dict]]:
+    """(problem, plan fields) for each tuning-table entry that the dispatcher would use on a GPU
+    of this target's architecture (same triton version, capability = target arch): those plans
+    run there, so they must compile spill-free too. Default table: the dispatcher's."""
+    import triton
+
+    from . import tuning_table
+    path = table_path or tuning_table.active_path()
+    if path is None:
+        return []
+    out = []
+    for e in tuning_table.load(path).entries:
+        cap = e.get("capability")
+        if (e["triton"] != triton.__version__ or e["dtype"] not in DTYPES
+                or not (isinstance(cap, list) and len(cap) == 2
+                        and cap[0] * 10 + cap[1] == TARGETS[target_key].arch)
+                or not isinstance(e.get("shape"), list)):
+            continue
+        layout = e.get("memory_format", "contiguous")
+        out.append((Problem(e["op"], tuple(e["shape"]), e["dtype"], layout),
+                    {k: e["plan"][k] for k in tuning_table.PLAN_FIELDS}))
+    return out
+
+
+def collect_specs(subset: str, target_keys: list[str], unaligned: bool = True,
+                  tuned: bool = True, table_path: str | None = None):
+    """Distinct (spec, target, dtype, aligned) jobs, each with the problems that produce it;
+    with ``tuned``, also the plans of the tuning table for the targets' GPUs."""
     jobs: dict[tuple, list[str]] = {}
     for key in target_keys:
         for prob in problems(subset):
@@ -368,6 +400,13 @@ def collect_specs(subset: str, target_keys: list[str], unaligned: bool = True):
                 for kernel, _grid, args, kwargs in capture(prob, TARGETS[key], aligned):
                     spec = specialize(kernel, args, kwargs)
                     jobs.setdefault((spec, key, prob.dtype, aligned), []).append(prob.name)
+        for prob, plan in (tuned_problems(key, table_path) if tuned else []):
+            # the tuned plan on the shape it was tuned for, exactly as the dispatcher runs it
+            with dispatch.forced_plan(**plan):
+                launches = capture(prob, TARGETS[key], True)
+            for kernel, _grid, args, kwargs in launches:
+                spec = specialize(kernel, args, kwargs)
+                jobs.setdefault((spec, key, prob.dtype, True), []).append(prob.name + " (tuned)")
     return jobs
 
 
@@ -391,8 +430,9 @@ def compile_jobs(jobs: dict, workers: int = 2) -> list[Result]:
 
 
 def run_check(subset: str = "ci", target_keys=("sm90",), unaligned: bool = False,
-              workers: int = 2) -> list[Result]:
-    return compile_jobs(collect_specs(subset, list(target_keys), unaligned), workers)
+              workers: int = 2, tuned: bool = True, table_path: str | None = None) -> list[Result]:
+    return compile_jobs(collect_specs(subset, list(target_keys), unaligned, tuned, table_path),
+                        workers)
 
 
 def _versions() -> dict:
@@ -456,18 +496,25 @@ def summarize(results: list[Result]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="tritonbn check-compile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--subset", choices=["ci", "full"], default="full")
+    parser.add_argument("--subset", choices=["ci", "full", "tuned"], default="full",
+                        help="tuned: only the tuning table's plans")
     parser.add_argument("--targets", default="sm90,sm80", help="comma-separated: sm90, sm80")
     parser.add_argument("--no-unaligned", action="store_true",
                         help="skip the unaligned-pointer specializations")
     parser.add_argument("--out", default=os.path.join("bench", "results"))
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tuning-table", metavar="PATH",
+                        help="also compile this tuning table's plans for the targets' GPUs "
+                             "(default: the table the dispatcher reads)")
+    parser.add_argument("--no-tuned", action="store_true",
+                        help="skip the tuning table's plans")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
-    results = run_check(args.subset, targets, not args.no_unaligned, args.workers)
+    results = run_check(args.subset, targets, not args.no_unaligned, args.workers,
+                        not args.no_tuned, args.tuning_table)
     md, js = write_report(results, args.out)
     print(summarize(results))
     print(f"wrote {md} and {js}")

@@ -3,8 +3,10 @@
 ``make_plan`` is a pure function of (op, canonical shape, layout, element size, offset width,
 device) returning a frozen ``Plan``; it is cached, so a shape costs one lookup after its first
 call. The thresholds below come from the hardware model (register file, SM count, bytes in
-flight per SM), not yet from measurements: the autotuning issue replaces them with tuned values
-where a GPU has been swept. Each carries the reason it exists.
+flight per SM), not yet from measurements. Where ``tritonbn tune`` has swept a GPU, its tuning
+table (tritonbn/tuning_table.py) supplies the plan instead, if that plan still meets the kernels'
+constraints for the shape at hand (``_from_table``); the reason then reads "tuned (<table>)".
+Each threshold carries the reason it exists.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan", "planning_for",
-           "interpreter_enabled"]
+           "interpreter_enabled", "reload_tuning_table"]
 
 OPS = ("fwd_train", "fwd_eval", "bwd_train", "bwd_eval")
 
@@ -147,17 +149,74 @@ def forced_plan(**fields):
 
 
 def make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,
-              max_offset: int, device: DeviceInfo, aligned: bool = True) -> Plan:
+              max_offset: int, device: DeviceInfo, aligned: bool = True,
+              dtype: str | None = None, tuned: bool = True) -> Plan:
     """The plan for one op on a canonical (n, c, s) plane.
 
     ``aligned``: every activation pointer is 16-byte aligned and every non-unit stride a
     multiple of 16 bytes, so the compiler can vectorize; otherwise accesses are scalar.
+    ``dtype`` (e.g. "bfloat16"): prefer tuning-table entries of that dtype (without it, any
+    dtype of ``elem_bytes``). ``tuned=False``: the heuristic plan, ignoring the tuning table.
     """
-    plan = _make_plan(op, n, c, s, channels_minor, elem_bytes, max_offset > INT32_LIMIT, device,
-                      aligned)
+    use_int64 = max_offset > INT32_LIMIT
+    if tuned:
+        plan = _planned(op, n, c, s, channels_minor, elem_bytes, use_int64, device, aligned,
+                        dtype)
+    else:
+        plan = _make_plan(op, n, c, s, channels_minor, elem_bytes, use_int64, device, aligned)
     if _forced:
         plan = _apply_forced(plan, n, s)
     return plan
+
+
+def reload_tuning_table() -> None:
+    """Re-read the tuning table on the next plan (after ``tritonbn tune`` wrote it, or after
+    $TRITONBN_TUNING_TABLE changed) and forget the plans made from the old one."""
+    from . import tuning_table
+    tuning_table.clear_cache()
+    _planned.cache_clear()
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,
+             use_int64: bool, device: DeviceInfo, aligned: bool, dtype: str | None) -> Plan:
+    """The tuned plan when the table has one that fits this plane, else the heuristic plan.
+    Cached: the table is consulted once per distinct plane."""
+    heuristic = _make_plan(op, n, c, s, channels_minor, elem_bytes, use_int64, device, aligned)
+    from . import tuning_table
+    hit = tuning_table.lookup(device.name, op, elem_bytes, dtype, channels_minor, aligned,
+                              (n, c, s))
+    if hit is None:
+        return heuristic
+    return _from_table(hit, heuristic, op, n, c, s, use_int64)
+
+
+def _from_table(hit, heuristic: Plan, op: str, n: int, c: int, s: int, use_int64: bool) -> Plan:
+    """The table's plan adapted to this plane, or the heuristic plan (saying why) when it cannot
+    be: the kernels need power-of-two blocks, and a one-pass tile must cover the plane within
+    the register budget of ONEPASS_MAX (the compile check's spill-free limit)."""
+    p = hit.plan
+    variant = p["variant"]
+    # A nearest-bucket entry may come from a smaller plane: blocks larger than this plane only
+    # add masked lanes, so they are clamped (to powers of two, as the kernels' aranges need).
+    block_c = min(p["block_c"], _pow2(c))
+    if variant == "onepass":
+        # One pass needs the whole plane in one tile: derive it from this plane's sizes.
+        block_n, block_s, splits = _pow2(n), _pow2(s), 1
+        limit = ONEPASS_MAX.get(op)
+        if limit is None:
+            why = f"{op} has no one-pass kernel"
+        elif block_n * block_s * block_c > limit:
+            why = f"a one-pass tile of {block_n}x{block_s}x{block_c} exceeds {limit} elements"
+        else:
+            why = None
+        if why:
+            return dataclasses.replace(
+                heuristic, reason=f"{heuristic.reason} (tuned plan from {hit.path} not used: {why})")
+    else:
+        block_n, block_s, splits = min(p["block_n"], _pow2(n)), min(p["block_s"], _pow2(s)), p["splits"]
+    return Plan(variant, block_n, block_s, block_c, splits, p["num_warps"], use_int64,
+                f"tuned ({hit.path}): {hit.describe()}")
 
 
 def _apply_forced(plan: Plan, n: int, s: int) -> Plan:

@@ -124,7 +124,7 @@ def _aligned(view, tensors: list[torch.Tensor]) -> bool:
 def _plan(op: str, view, x: torch.Tensor, tensors: list[torch.Tensor]) -> dispatch.Plan:
     return dispatch.make_plan(op, view.n, view.c, view.s, view.channels_minor, x.element_size(),
                               max_offset(view), dispatch.device_info(x.device),
-                              _aligned(view, tensors))
+                              _aligned(view, tensors), dtype=str(x.dtype).replace("torch.", ""))
 
 
 @dataclass(frozen=True)
