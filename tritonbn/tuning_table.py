@@ -359,8 +359,8 @@ def clear_cache() -> None:
 def lookup(gpu: str, op: str, elem_bytes: int, dtype: str | None, channels_minor: bool,
            aligned: bool, plane: tuple[int, int, int]) -> Hit | None:
     """The tuned entry for this plane, or None. ``dtype`` (e.g. "float16") picks entries of that
-    dtype first; without it (the launchers pass only the element size) entries of any dtype of
-    that size are used, float16 before bfloat16."""
+    dtype first, then those of any other dtype of that size (float16 before bfloat16); without a
+    dtype (`tritonbn info`), any dtype of that size."""
     table = dispatch_table()
     if table is None or not table.entries:
         return None
