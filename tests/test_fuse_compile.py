@@ -20,7 +20,7 @@ def test_compiled_fused_resnet_train_and_eval_steps(device, monkeypatch):
 
     def no_fallback(*args):
         raise AssertionError("the fused module fell back to torch's add and activation")
-    monkeypatch.setattr(fuse_module, "_torch_activation", no_fallback)
+    monkeypatch.setattr(fuse_module, "activation_reference", no_fallback)
     xs, ts = make_batches(device, STEPS)
     ref_model = make_model(device)
     ref = train(ref_model, xs, ts)
