@@ -1,7 +1,7 @@
 """Device code for tritonbn: @triton.jit kernels only.
 
-Installed as the subpackage ``tritonbn.kernels``. Nothing here knows about autograd,
-torch.nn or shapes beyond the canonical (N, C, S) view that the host builds:
+Installed as the subpackage ``tritonbn.kernels``. Nothing here knows about gradient tapes,
+modules or shapes beyond the canonical (N, C, S) view that the host builds:
 
 * an activation is seen as N samples x C channels x S spatial positions with three
   element strides (any of which may be 0, e.g. for the gradient of ``y.sum()``);

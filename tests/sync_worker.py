@@ -79,6 +79,29 @@ def _model(seed):
                                torch.nn.Linear(6, 4))
 
 
+def train_steps(model, world, rank=None, steps=3):
+    """SGD steps on batches of 4 per process: this rank's quarter (DDP), or all of it (rank None).
+    Returns the losses averaged over the processes."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(7)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(4 * world, 3, 6, 6, generator=g)
+        target = torch.randint(0, 4, (4 * world,), generator=g)
+        if rank is not None:
+            x, target = x[4 * rank:4 * rank + 4], target[4 * rank:4 * rank + 4]
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+        total = loss.detach().clone()
+        if rank is not None:
+            dist.all_reduce(total)
+            total /= world
+        losses.append(float(total))
+    return losses
+
+
 def check_ddp_training(rank, world, init_file, result_file):
     import tritonbn
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
@@ -86,21 +109,7 @@ def check_ddp_training(rank, world, init_file, result_file):
     try:
         model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(_model(0))
         assert isinstance(model[1], tritonbn.SyncBatchNorm)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        g = torch.Generator().manual_seed(7)
-        losses = []
-        for step in range(3):
-            x = torch.randn(4 * world, 3, 6, 6, generator=g)
-            target = torch.randint(0, 4, (4 * world,), generator=g)
-            xs, ts = x[4 * rank:4 * rank + 4], target[4 * rank:4 * rank + 4]
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(ddp(xs), ts)
-            loss.backward()
-            opt.step()
-            total = loss.detach().clone()
-            dist.all_reduce(total)
-            losses.append(float(total) / world)
+        losses = train_steps(torch.nn.parallel.DistributedDataParallel(model), world, rank)
         if rank == 0:
             torch.save({"losses": losses, "state": model.state_dict()}, result_file)
     finally:

@@ -26,17 +26,7 @@ def test_ddp_training_matches_single_process(tmp_path):
     got = torch.load(result)
     # the same model and data in one process, with torch's own batch norm over the whole batch
     model = sync_worker._model(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    g = torch.Generator().manual_seed(7)
-    losses = []
-    for step in range(3):
-        x = torch.randn(4 * world, 3, 6, 6, generator=g)
-        target = torch.randint(0, 4, (4 * world,), generator=g)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = sync_worker.train_steps(model, world)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got["state"][k].double(), v.double(), atol=1e-5, rtol=1e-5)
