@@ -109,8 +109,14 @@ def check_ddp_training(rank, world, init_file, result_file):
     try:
         model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(_model(0))
         assert isinstance(model[1], tritonbn.SyncBatchNorm)
-        losses = train_steps(torch.nn.parallel.DistributedDataParallel(model), world, rank)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        losses = train_steps(ddp, world, rank)
         if rank == 0:
             torch.save({"losses": losses, "state": model.state_dict()}, result_file)
+        # Shut down in step: every rank done with its collectives, and DDP's reducer (which owns
+        # threads) gone, before the process group is destroyed. A rank that tore the group down
+        # under a live reducer once aborted with "terminate called without an active exception".
+        dist.barrier()
+        del ddp
     finally:
         dist.destroy_process_group()
