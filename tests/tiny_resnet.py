@@ -102,3 +102,44 @@ def train(model: nn.Module, xs, ts, amp_dtype=None, step_fn=None) -> dict:
         buffers.append({n: b.detach().clone() for n, b in model.named_buffers()})
     return dict(losses=torch.stack(losses), grads=grads, buffers=buffers,
                 params={n: p.detach().clone() for n, p in model.named_parameters()})
+
+
+def check_compiled_steps(model, device, steps=2):
+    """torch.compile(model, fullgraph=True) trains ``steps`` SGD steps like torch's eager model
+    (one forward and one backward kernel per batch norm per step; losses, first-step gradients,
+    running statistics and batch counts), then runs one eval step that calls only the eval
+    kernel and changes no buffer. Returns (compiled, eval output, eval input, torch's model)."""
+    import tritonbn
+
+    fp32 = dict(atol=1e-5, rtol=1e-5)
+    xs, ts = make_batches(device, steps)
+    ref_model = make_model(device)
+    ref = train(ref_model, xs, ts)
+    n_bn = len(bn_modules(model))
+    compiled = torch.compile(model, fullgraph=True)  # the default backend, inductor
+    with tritonbn.count_launches() as launches:
+        ours = train(model, xs, ts, step_fn=compiled)
+    # the compiled forward and backward graphs call the kernels for every batch norm, every step
+    fwd = launches["bn_fwd_onepass_kernel"] + launches["bn_fwd_apply_kernel"]
+    bwd = launches["bn_bwd_onepass_kernel"] + launches["bn_bwd_apply_kernel"]
+    assert fwd == bwd == n_bn * steps, launches
+    torch.testing.assert_close(ours["losses"], ref["losses"], **fp32)
+    for name, g in ours["grads"][0].items():
+        torch.testing.assert_close(g, ref["grads"][0][name], atol=1e-5, rtol=1e-4, msg=name)
+    for step in range(steps):
+        # running statistics and num_batches_tracked are mutated through the compiled graph
+        for name, b in ours["buffers"][step].items():
+            if name.endswith("num_batches_tracked"):
+                assert int(b) == step + 1, name
+            torch.testing.assert_close(b, ref["buffers"][step][name], **fp32, msg=name)
+
+    model.eval(), ref_model.eval()  # recompiles for eval mode: running statistics, no update
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad(), tritonbn.count_launches() as launches:
+        y = compiled(xs[0])
+    assert launches["bn_fwd_apply_kernel"] == n_bn and sum(launches.values()) == n_bn
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(xs[0]), **fp32)  # eager, same weights
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), name
+    return compiled, y, xs[0], ref_model
