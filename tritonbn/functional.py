@@ -39,6 +39,9 @@ NO_GUARDS = _Guards()
 
 
 def _guards(input, overflow, overflow_stats, nonfinite_stats, running_count) -> _Guards:
+    if (overflow == "propagate" and nonfinite_stats == "propagate" and overflow_stats is None
+            and running_count is None):
+        return NO_GUARDS  # the common call: no dataclass to build (host time, see ops._direct)
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"batch_norm: overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     if nonfinite_stats not in NONFINITE_POLICIES:
@@ -60,7 +63,7 @@ def _guards(input, overflow, overflow_stats, nonfinite_stats, running_count) -> 
 def _run(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
          activation, negative_slope, renorm=False, rmax=1.0, dmax=0.0, guards=NO_GUARDS):
     c = input.shape[1]
-    y, _mean, _invstd, _rd = ops.BatchNormFunction.apply(
+    y, _mean, _invstd, _rd = ops.batch_norm_function(
         input, _flat(weight, c), _flat(bias, c), _flat(running_mean, c), _flat(running_var, c),
         bool(training), float(momentum), float(eps), residual, activation or "",
         float(negative_slope), bool(renorm), float(rmax), float(dmax), guards.saturate,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -116,15 +117,27 @@ def _view_or_copy(x: torch.Tensor, others: list[torch.Tensor]):
 
 def _aligned(view, tensors: list[torch.Tensor]) -> bool:
     """16-byte aligned pointers and strides (in bytes) for every activation: vectorizable."""
-    size = tensors[0].element_size()
     return (all(t.data_ptr() % 16 == 0 for t in tensors)
-            and all(st in (0, 1) or (st * size) % 16 == 0 for sts in view.strides for st in sts))
+            and _view_facts(view, tensors[0].element_size())[1])
+
+
+@functools.lru_cache(maxsize=1024)
+def _view_facts(view, elem_bytes: int) -> tuple[int, bool]:
+    """(largest offset, every non-unit stride a multiple of 16 bytes): the view's part of the
+    plan's inputs, remembered like the view itself (layout._plane_view)."""
+    return max_offset(view), all(st in (0, 1) or (st * elem_bytes) % 16 == 0
+                                 for sts in view.strides for st in sts)
 
 
 def _plan(op: str, view, x: torch.Tensor, tensors: list[torch.Tensor]) -> dispatch.Plan:
-    return dispatch.make_plan(op, view.n, view.c, view.s, view.channels_minor, x.element_size(),
-                              max_offset(view), dispatch.device_info(x.device),
-                              _aligned(view, tensors), dtype=str(x.dtype).replace("torch.", ""))
+    elem = x.element_size()
+    return dispatch.make_plan(op, view.n, view.c, view.s, view.channels_minor, elem,
+                              _view_facts(view, elem)[0], dispatch.device_info(x.device),
+                              _aligned(view, tensors), dtype=_DTYPE_NAMES.get(x.dtype))
+
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64"}
 
 
 @dataclass(frozen=True)

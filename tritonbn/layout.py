@@ -9,6 +9,7 @@ long plane, which keeps their tiles full. Only strides that no single (N, S) pai
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,14 +44,21 @@ def _spatial_stride(sizes: tuple[int, ...], strides: tuple[int, ...]) -> int | N
 
 def plane_view(shape: torch.Size, tensors: list[torch.Tensor]) -> PlaneView | None:
     """The shared (N, C, S) view of tensors of one shape, or None if one of them has no such view."""
+    return _plane_view(tuple(shape), tuple(t.stride() for t in tensors))
+
+
+# A model calls with a handful of (shape, strides) combinations; remembering their views takes
+# ~3 us of Python off every call (the host-overhead target is 30 us per forward).
+@functools.lru_cache(maxsize=1024)
+def _plane_view(shape: tuple[int, ...], strides: tuple[tuple[int, ...], ...]) -> PlaneView | None:
     n, c = shape[0], shape[1]
     s = math.prod(shape[2:])
     per_tensor = []
-    for t in tensors:
-        ss = _spatial_stride(tuple(shape[2:]), tuple(t.stride()[2:]))
+    for st in strides:
+        ss = _spatial_stride(shape[2:], st[2:])
         if ss is None:
             return None
-        per_tensor.append((t.stride(0), t.stride(1), ss))
+        per_tensor.append((st[0], st[1], ss))
 
     def foldable(sn: int, ss: int) -> bool:
         return n == 1 or s == 1 or sn == s * ss

@@ -10,6 +10,8 @@ import numbers
 
 import torch
 
+from .kernels.activations import ACTIVATIONS
+
 __all__ = ["check_batch_norm_args"]
 
 
@@ -67,8 +69,6 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
 
 def check_epilogue_args(input, activation, negative_slope, residual) -> None:
     """The fused activation and residual: a known name, and a residual shaped like the input."""
-    from .kernels.activations import ACTIVATIONS
-
     if activation not in ACTIVATIONS:
         names = ", ".join(repr(a) for a in ACTIVATIONS if a)
         raise ValueError(f"batch_norm: unknown activation {activation!r}; expected None or one "
