@@ -77,3 +77,31 @@ def test_specialization_matches_tritons_rules():
     assert "X" not in unaligned.divisible and "Y" in unaligned.divisible  # y is allocated aligned
     # an unaligned input gets scalar accesses and so a plan with fewer elements per thread
     assert unaligned.num_warps == 2 * spec.num_warps
+
+
+def test_tiles_smaller_than_the_threads_are_not_gated_as_vectorizable():
+    """A plane of one row (N * S = 1) holds fewer elements than the program has threads: there
+    is nothing to vectorize, so narrow accesses there are not a finding."""
+    tiny = cc.Problem("fwd_eval", (1, 32, 1, 1), "float16", "channels_last")
+    big = cc.Problem("fwd_eval", (32, 64, 8, 8), "float16", "channels_last")
+    specs = {}
+    for prob in (tiny, big):
+        (kernel, _g, args, kwargs), = cc.capture(prob, cc.TARGETS["sm90"])
+        specs[prob] = cc.specialize(kernel, args, kwargs)
+    t = specs[tiny]
+    assert t.constexpr("BLOCK_N") * t.constexpr("BLOCK_S") * t.constexpr("BLOCK_C") \
+        < 4 * 32 * t.num_warps
+    assert not cc._vector_capable(specs[tiny])
+    assert cc._vector_capable(specs[big])
+
+
+def test_inv_std_has_no_subroutine_call_on_sm80():
+    """A correctly rounded sqrt_rn compiles to a slow-path call that gave sm_80 kernels a stack
+    frame; the reciprocal square root does not."""
+    prob = cc.Problem("fwd_train", (1, 8, 112, 112), "bfloat16", "channels_last", "silu+res")
+    jobs = {(cc.specialize(k, a, kw), "sm80", prob.dtype, True): [prob.name]
+            for k, _g, a, kw in cc.capture(prob, cc.TARGETS["sm80"])}
+    results = cc.compile_jobs(jobs, workers=2)
+    assert {r.kernel for r in results} == {"bn_stats_partial_kernel", "bn_fwd_apply_kernel"}
+    for r in results:
+        assert r.ok and r.stack == 0 and r.local == 0, (r.kernel, r.failures)

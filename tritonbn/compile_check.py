@@ -257,12 +257,17 @@ def _vector_capable(spec: Spec) -> bool:
 
     The tile's contiguous axis is the one whose stride a real launch specializes to 1; its block
     must hold at least 4 elements, and the other strides (and the pointer) must carry the
-    divisibility-by-16 hint, or the compiler cannot prove alignment.
+    divisibility-by-16 hint, or the compiler cannot prove alignment. And the tile must give each
+    thread at least 4 elements: a tile smaller than that (a plane of one row, N * S = 1, with a
+    handful of channels) has nothing to put in a vector, whatever its addresses.
     """
     sig = dict(spec.signature)
     prefixes = sorted({m.group(1) for n, _ in spec.signature
                        if (m := re.fullmatch(r"stride_(\w+)[ncs]", n))})
     if not prefixes:
+        return False
+    tile = spec.constexpr("BLOCK_N") * spec.constexpr("BLOCK_S") * spec.constexpr("BLOCK_C")
+    if tile < 4 * 32 * spec.num_warps:
         return False
     const = dict(spec.constexprs)
     absent = {"r": not const.get("HAS_RES"), "dr": not const.get("WRITE_DRES")}
