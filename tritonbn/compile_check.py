@@ -327,7 +327,8 @@ def compile_and_inspect(spec: Spec, target_key: str, dtype: str, aligned: bool) 
     src = ASTSource(fn=kernel, signature=dict(spec.signature), constexprs=const,
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible})
     gpu = GPUTarget("cuda", t.arch, 32)
-    options = make_backend(gpu).parse_options({"num_warps": spec.num_warps}).__dict__
+    options = make_backend(gpu).parse_options({"num_warps": spec.num_warps,
+                                               **launch.COMPILE_OPTIONS}).__dict__
     start = time.time()
     try:
         compiled = triton.compile(src, target=gpu, options=options)
