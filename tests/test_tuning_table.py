@@ -83,16 +83,79 @@ def test_tuned_plans_must_fit_the_kernels(table_path):
         assert all(b & (b - 1) == 0 for b in (p.block_n, p.block_s, p.block_c))
 
 
+def test_tuned_split_tiles_are_bounded(table_path):
+    """A split entry whose tile the compiler cannot build (valid JSON, powers of two) falls
+    back to the heuristics; the sweep itself never writes one."""
+    tt.merge_write(str(table_path), [
+        entry(block_n=4, block_s=262144, block_c=2, splits=2, num_warps=8),     # 2 M elements
+        entry(op="bwd_train", block_n=1, block_s=16384, splits=2, num_warps=1),  # 512 per thread
+        entry(op="fwd_eval", block_n=1, block_s=8192, splits=2, num_warps=8),    # fits
+    ])
+    dispatch.reload_tuning_table()
+    too_big, too_dense, fits = plan(), plan(op="bwd_train"), plan(op="fwd_eval")
+    assert "exceeds 16384 elements" in too_big.reason and too_big.block_s == plan(tuned=False).block_s
+    assert "per thread" in too_dense.reason
+    assert fits.reason.startswith("tuned") and fits.block_s == 8192
+    from tritonbn import tune
+    assert max(tune.THOROUGH_TILES) <= dispatch.MAX_TUNED_TILE
+    assert max(tune.THOROUGH_PER_THREAD + tune.ONEPASS_PER_THREAD) <= dispatch.MAX_TUNED_PER_THREAD
+
+
 def test_corrupt_table_warns_and_is_ignored(table_path):
     table_path.write_text('{"format": "tritonbn-tuning-table", "version": 1, "entries": [')
-    with pytest.warns(tt.TuningTableWarning, match="ignored .*corrupt JSON"):
+    with pytest.warns(tt.TuningTableWarning, match="ignored .*corrupt"):
         p = plan()
     assert p == plan(tuned=False)
     # writing over it keeps the broken file aside and starts a valid table
     with pytest.warns(tt.TuningTableWarning, match="moved to"):
         tt.merge_write(str(table_path), [entry()])
-    assert (table_path.parent / "tuning.json.corrupt").exists()
+    asides = list(table_path.parent.glob("tuning.json.corrupt-*"))
+    assert len(asides) == 1 and asides[0].read_text().endswith('"entries": [')
     assert json.loads(table_path.read_text())["entries"][0]["plan"]["block_s"] == 2048
+    # a second corrupt table is moved aside too, without overwriting the first one kept
+    table_path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.warns(tt.TuningTableWarning, match="moved to"):
+        tt.merge_write(str(table_path), [entry()])
+    assert len(list(table_path.parent.glob("tuning.json.corrupt-*"))) == 2
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00garbage", b"[" * 200000, b"",
+                                     b'{"format": "tritonbn-tuning-table", "version": 1, '
+                                     b'"entries": {}}'])
+def test_any_corrupt_bytes_are_ignored_by_the_dispatcher(table_path, content):
+    table_path.write_bytes(content)
+    with pytest.warns(tt.TuningTableWarning, match="ignored .*corrupt"):
+        p = plan()
+    assert p == plan(tuned=False)
+
+
+def test_a_directory_or_a_foreign_file_is_never_written_over(table_path):
+    # a directory where the table should be: ignored when planning, refused when writing
+    table_path.mkdir()
+    (table_path / "keep.md").write_text("results")
+    with pytest.warns(tt.TuningTableWarning, match="directory"):
+        assert plan() == plan(tuned=False)
+    with pytest.raises(tt.TableError, match="directory"):
+        tt.merge_write(str(table_path), [entry()])
+    assert (table_path / "keep.md").read_text() == "results"
+    # another JSON file, and a table of another format version: left exactly as they were
+    for i, text in enumerate([json.dumps({"name": "some other tool's settings"}),
+                              json.dumps({"format": tt.FORMAT, "version": 999, "entries": []})]):
+        other = table_path.parent / f"other{i}.json"
+        other.write_text(text)
+        with pytest.raises(tt.TableError, match="not written over"):
+            tt.merge_write(str(other), [entry()])
+        assert other.read_text() == text
+        assert not list(table_path.parent.glob(f"other{i}.json.corrupt*"))
+
+
+def test_rewriting_keeps_the_table_file_permissions(table_path):
+    tt.merge_write(str(table_path), [entry()])
+    assert table_path.stat().st_mode & 0o777 == 0o644   # not mkstemp's 0600
+    table_path.chmod(0o664)
+    tt.merge_write(str(table_path), [entry(op="bwd_train")])
+    assert table_path.stat().st_mode & 0o777 == 0o664
+    assert len(json.loads(table_path.read_text())["entries"]) == 2
 
 
 def test_foreign_version_table_and_stale_triton_warn_and_are_ignored(table_path):
@@ -111,10 +174,11 @@ def test_foreign_version_table_and_stale_triton_warn_and_are_ignored(table_path)
     with pytest.warns(tt.TuningTableWarning, match="not a tritonbn tuning table"):
         plan()
     bad = entry(plane=(8, 8, 8), block_s=48)   # not a power of two
+    bad_shape = dict(entry(plane=(256, 64, 4096)), shape=8)  # would break `tritonbn info`
     table_path.write_text(json.dumps({"format": tt.FORMAT, "version": tt.VERSION,
-                                      "entries": [bad, entry()]}))
+                                      "entries": [bad, bad_shape, entry()]}))
     dispatch.reload_tuning_table()
-    with pytest.warns(tt.TuningTableWarning, match="1 malformed entries"):
+    with pytest.warns(tt.TuningTableWarning, match="2 malformed entries"):
         assert plan().reason.startswith("tuned")
 
 

@@ -117,6 +117,12 @@ MAX_BLOCK_C = 64
 # float32 result. 8192 elements over 8 warps is 32 values per thread per tensor, inside the
 # 255-register budget without spilling; backward holds two inputs, so half of that.
 ONEPASS_MAX = {"fwd_train": 8192, "bwd_train": 4096, "bwd_eval": 4096}
+# Bounds on a split plan read from a tuning table (a hand-edited or foreign entry must not reach
+# the compiler with a tile it cannot build): the widest tile `tritonbn tune --thorough` tries,
+# which is also the interpreter's tile, and the most elements per thread it tries -- the
+# compile check's spill-free limit for one-pass tiles.
+MAX_TUNED_TILE = 16384
+MAX_TUNED_PER_THREAD = 32
 # Narrowest channel block for channels-last tensors: 8 half values are one 16-byte access.
 MIN_MINOR_BLOCK_C = 8
 # At most 16 tile elements per thread: the backward partial kernel keeps two float32
@@ -215,6 +221,18 @@ def _from_table(hit, heuristic: Plan, op: str, n: int, c: int, s: int, use_int64
                 heuristic, reason=f"{heuristic.reason} (tuned plan from {hit.path} not used: {why})")
     else:
         block_n, block_s, splits = min(p["block_n"], _pow2(n)), min(p["block_s"], _pow2(s)), p["splits"]
+        tile = block_n * block_s * block_c
+        per_thread = tile // (32 * p["num_warps"])
+        if tile > MAX_TUNED_TILE:
+            why = f"a split tile of {block_n}x{block_s}x{block_c} exceeds {MAX_TUNED_TILE} elements"
+        elif per_thread > MAX_TUNED_PER_THREAD:
+            why = (f"{per_thread} tile elements per thread exceed {MAX_TUNED_PER_THREAD} "
+                   f"({p['num_warps']} warps)")
+        else:
+            why = None
+        if why:
+            return dataclasses.replace(
+                heuristic, reason=f"{heuristic.reason} (tuned plan from {hit.path} not used: {why})")
     return Plan(variant, block_n, block_s, block_c, splits, p["num_warps"], use_int64,
                 f"tuned ({hit.path}): {hit.describe()}")
 

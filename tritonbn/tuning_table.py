@@ -134,35 +134,52 @@ def _entry_problem(e) -> str | None:
         return "num_warps above 32"
     if not isinstance(plan.get("splits"), int) or plan["splits"] < 1:
         return "splits must be a positive integer"
+    # Informational fields, shown by `tritonbn info`: optional, but typed when present.
+    if "shape" in e and not (isinstance(e["shape"], list)
+                             and all(isinstance(d, int) for d in e["shape"])):
+        return "shape is not a list of integers"
+    for k in ("time_us", "heuristic_us"):
+        if k in e and (isinstance(e[k], bool) or not isinstance(e[k], (int, float))):
+            return f"{k} is not a number"
     return None
 
 
 class TableError(Exception):
-    """The file exists but is not a usable tuning table (corrupt or foreign version)."""
+    """The file exists but is not a usable tuning table.
+
+    ``kind``: "corrupt" (not JSON, or a tuning table whose structure is broken: safe to move
+    aside and rebuild), "foreign" (some other JSON file, or another format version: never
+    written over) or "unreadable" (a directory, no permission: never written over)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _read(path: str) -> list[dict] | None:
     """Entries of the table at ``path``; None when there is no file. Raises TableError."""
+    if os.path.isdir(path):
+        raise TableError("is a directory, not a table file", "unreadable")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise TableError(f"cannot read: {e}")
+        raise TableError(f"cannot read: {e}", "unreadable")
     try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise TableError(f"corrupt JSON: {e}")
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise TableError(f"corrupt: {type(e).__name__}: {str(e)[:120]}", "corrupt")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise TableError("not a tritonbn tuning table (no 'format': "
-                         f"{FORMAT!r})")
+                         f"{FORMAT!r})", "foreign")
     if data.get("version") != VERSION:
         raise TableError(f"format version {data.get('version')!r}, this tritonbn reads "
-                         f"version {VERSION}")
+                         f"version {VERSION}", "foreign")
     entries = data.get("entries")
     if not isinstance(entries, list):
-        raise TableError("'entries' is not a list")
+        raise TableError("corrupt: 'entries' is not a list", "corrupt")
     return entries
 
 
@@ -180,7 +197,7 @@ class Hit:
     def describe(self) -> str:
         e = self.entry
         where = "same bucket" if self.distance == 0 else f"nearest bucket, distance {self.distance}"
-        shape = "x".join(map(str, e.get("shape", []))) or "?"
+        shape = "x".join(map(str, e.get("shape") or [])) or "?"
         timing = ""
         if isinstance(e.get("time_us"), (int, float)) and isinstance(e.get("heuristic_us"),
                                                                          (int, float)):
@@ -290,8 +307,13 @@ def _file_lock(path: str):
 
 def _atomic_write_json(path: str, data) -> None:
     directory = os.path.dirname(os.path.abspath(path))
+    try:  # keep the file's permissions (a shared table stays readable to its other users)
+        mode = os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o644
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tuning-", suffix=".tmp")
     try:
+        os.chmod(tmp, mode)  # mkstemp creates 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.write("\n")
@@ -304,19 +326,34 @@ def _atomic_write_json(path: str, data) -> None:
         raise
 
 
+def _aside_name(path: str) -> str:
+    """A name for a corrupt table that no earlier one has: <path>.corrupt-<time>[-k]."""
+    base = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, k = base, 1
+    while os.path.lexists(name):
+        name, k = f"{base}-{k}", k + 1
+    return name
+
+
 def merge_write(path: str, new_entries: list[dict]) -> Table:
     """Merge entries into the table at ``path`` (same key: the new entry wins) under the lock and
-    replace the file atomically. A corrupt or foreign-version file is moved aside to
-    ``<path>.corrupt`` with a warning. Returns the table as written."""
+    replace the file atomically. A corrupt table is moved aside to ``<path>.corrupt-<time>``
+    with a warning; a path that is a directory, unreadable, some other JSON file or a table of
+    another format version is left alone and TableError raised. Returns the table as written."""
     bad = [(_entry_problem(e), e) for e in new_entries if _entry_problem(e) is not None]
     if bad:
         raise ValueError(f"refusing to write a malformed tuning entry: {bad[0][0]}: {bad[0][1]}")
+    if os.path.isdir(path):
+        raise TableError(f"{path} is a directory; give the table's file name", "unreadable")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _file_lock(path):
         try:
             current = _read(path) or []
         except TableError as e:
-            aside = path + ".corrupt"
+            if e.kind != "corrupt":
+                raise TableError(f"{path}: {e}; not written over (choose another --table)",
+                                 e.kind) from None
+            aside = _aside_name(path)
             os.replace(path, aside)
             warnings.warn(f"tritonbn: tuning table {path} was unusable ({e}); moved to {aside} "
                           f"and started a new one", TuningTableWarning, stacklevel=2)
