@@ -83,3 +83,35 @@ def test_host_path_measures_every_case(device):
     cases = {k: v for k, v in figures.items() if k not in ("shape", "calls")}
     assert set(cases) == {"fwd_train", "fwd_train_module", "fwd_eval", "fwd_train_relu", "bwd"}
     assert all(isinstance(v, float) and v > 0 for v in cases.values())
+
+
+def test_double_backward_raises_instead_of_dropping_terms(device):
+    """create_graph=True records the backward: the kernels' gradients have no history, so the
+    backward goes through the op, which raises autograd's error rather than return
+    second-order gradients without batch norm's terms."""
+    x, w, b, rm, rv = _inputs(device)
+    y = tritonbn.batch_norm(x, rm, rv, w, b, training=True)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        gx.square().sum().backward()
+
+
+def test_meta_tensors_take_the_op_and_its_fake_kernel():
+    x = torch.empty(4, 6, 3, 5, device="meta")
+    rm, rv = torch.zeros(6, device="meta"), torch.ones(6, device="meta")
+    y = tritonbn.batch_norm(x, rm, rv, training=True)
+    assert y.shape == x.shape and y.device.type == "meta"
+    with torch.device("meta"):
+        m = tritonbn.BatchNorm2d(6)
+    assert m(x).shape == x.shape
+
+
+def test_jit_trace_records_the_op(device):
+    m = tritonbn.BatchNorm2d(6).to(device).eval()
+    with torch.no_grad():
+        m.running_mean.uniform_(-1, 1)
+        m.running_var.uniform_(0.5, 2)
+    x = make_input((4, 6, 3, 5), torch.float32, "contiguous", device)
+    traced = torch.jit.trace(m, x, check_trace=False)
+    assert "tritonbn::batch_norm_forward" in str(traced.graph)
+    assert_close(traced(x), m(x), atol=1e-6, rtol=1e-6)

@@ -167,8 +167,10 @@ def _direct(t: Tensor) -> bool:
     tracing the other checks.
     """
     return not torch.compiler.is_compiling() and type(t) is Tensor \
+        and t.device.type != "meta" \
         and torch._C._len_torch_dispatch_stack() == 0 \
-        and not torch._C._are_functorch_transforms_active()
+        and not torch._C._are_functorch_transforms_active() \
+        and not torch._C._get_tracing_state()  # torch.jit.trace: sizes are traced values
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -187,7 +189,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_y):
     input, weight, bias, residual, save_mean, save_invstd, save_rd = ctx.saved_tensors
     need_x, need_w, need_b, _, _, _, _, _, need_res = ctx.needs_input_grad[:9]
-    run = _backward_impl if _direct(grad_y) else batch_norm_backward
+    # With create_graph=True the backward itself is recorded: the op then raises autograd's
+    # clear "no autograd formula" error, where the kernels would return gradients without
+    # history and so silently drop the second-order terms.
+    run = _backward_impl if _direct(grad_y) and not torch.is_grad_enabled() \
+        else batch_norm_backward
     dx, dw, db, dres = run(grad_y, input, weight, bias, residual, save_mean, save_invstd,
                            save_rd, ctx.training, need_w or need_b, ctx.activation, ctx.slope,
                            ctx.saturate)
