@@ -48,6 +48,10 @@ CASES = {
     "only-running-mean": (lambda d: dict(running_var=None), ValueError),
     "eval-without-running": (lambda d: dict(running_mean=None, running_var=None, training=False),
                              RuntimeError),
+    "training-none": (lambda d: dict(training=None), TypeError),
+    "training-int": (lambda d: dict(training=1), TypeError),
+    "running-mean-requires-grad": (
+        lambda d: dict(running_mean=torch.zeros(C, device=d, requires_grad=True)), RuntimeError),
 }
 
 
@@ -60,8 +64,9 @@ def test_bad_input_raises_like_torch_and_changes_nothing(case, device):
               and v.device.type != "meta"}
     # torch raises the same type for the same call (on CPU copies, its reference behaviour)
     # (on clones: torch itself is not careful to leave buffers alone when it rejects a call)
-    cpu_args = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) and v.device.type != "meta"
-                    else v) for k, v in args.items()}
+    cpu_args = {k: (v.detach().cpu().clone().requires_grad_(v.requires_grad)
+                    if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+                for k, v in args.items()}
     with pytest.raises(expected):
         F.batch_norm(**cpu_args)
     with tritonbn.count_launches() as launches, pytest.raises(expected) as info:
@@ -87,3 +92,58 @@ def test_one_value_per_channel_is_fine_in_eval(device):
     x = torch.randn(1, C, device=device)
     y = tritonbn.batch_norm(x, rm, rv, training=False)
     torch.testing.assert_close(y.cpu(), F.batch_norm(x.cpu(), rm.cpu(), rv.cpu()), atol=1e-5, rtol=1e-5)
+
+
+def test_zero_dim_tensor_momentum_and_eps_are_accepted_like_torch(device):
+    x = _x(device)
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    ref_rm, ref_rv = rm.clone().cpu(), rv.clone().cpu()
+    y = tritonbn.batch_norm(x, rm, rv, training=True, momentum=torch.tensor(0.3),
+                            eps=torch.tensor(1e-3))
+    ref = F.batch_norm(x.cpu(), ref_rm, ref_rv, training=True, momentum=torch.tensor(0.3),
+                       eps=torch.tensor(1e-3))
+    torch.testing.assert_close(y.cpu(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rm.cpu(), ref_rm, atol=1e-6, rtol=1e-6)
+
+
+def test_running_stats_that_require_grad_are_fine_under_no_grad(device):
+    rm = torch.zeros(C, device=device, requires_grad=True)
+    with torch.no_grad():
+        tritonbn.batch_norm(_x(device), rm, torch.ones(C, device=device), training=True)
+    assert rm.abs().sum() > 0  # updated
+
+
+@pytest.mark.parametrize("module_cls, bad", [
+    (tritonbn.BatchNorm1d, lambda: torch.ones(4, C, dtype=torch.int32)),   # integer input
+    (tritonbn.BatchNorm1d, lambda: torch.randn(1, C)),                      # 1 value per channel
+    (tritonbn.BatchNorm1d, lambda: torch.randn(4, C + 1)),                  # wrong C
+    (tritonbn.BatchNormAct1d, lambda: torch.randn(4, C)),                   # bad residual below
+    (tritonbn.BatchRenorm1d, lambda: torch.randn(1, C)),
+])
+def test_rejected_module_call_does_not_count_the_batch(device, module_cls, bad):
+    """momentum=None averages over num_batches_tracked: a rejected call must not count, or the
+    next batch would get weight 1/2 instead of 1."""
+    m = module_cls(C, momentum=None).to(device)
+    kwargs = {"residual": torch.randn(4, C + 1, device=device)} if module_cls is \
+        tritonbn.BatchNormAct1d else {}
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError)):
+        m(bad().to(device), **kwargs)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by a rejected call"
+    x = torch.randn(8, C, device=device) * 3 + 5
+    m(x)
+    assert int(m.num_batches_tracked) == 1
+    torch.testing.assert_close(m.running_mean.cpu(), x.mean(0).cpu(), atol=1e-5, rtol=1e-5)
+
+
+def test_running_stats_without_a_flat_view_are_written_back(device):
+    """Running statistics of C elements whose strides have no (C,) view (here a transposed
+    (3, 2) for C = 6) are updated through a copy that is written back."""
+    x = torch.randn(4, 6, 3, device=device)
+    rm, rv = torch.zeros(3, 2, device=device).t(), torch.ones(3, 2, device=device).t()
+    ref_rm, ref_rv = torch.zeros(6), torch.ones(6)
+    tritonbn.batch_norm(x, rm, rv, training=True)
+    F.batch_norm(x.cpu(), ref_rm, ref_rv, training=True)
+    torch.testing.assert_close(rm.reshape(6).cpu(), ref_rm, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rv.reshape(6).cpu(), ref_rv, atol=1e-6, rtol=1e-6)

@@ -10,7 +10,8 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import batch_norm, batch_renorm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _average_factor, guard_kwargs
+from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, _average_factor, _count_batch,
+                      guard_kwargs)
 from .validate import check_epilogue_args
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
@@ -40,9 +41,11 @@ class _ActMixin:
         self._check_input_dim(input)
         factor = _average_factor(self)
         training, rm, rv = _running(self)
-        return batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps,
-                          activation=self.activation, negative_slope=self.negative_slope,
-                          residual=residual, mode=self._mode, **guard_kwargs(self))
+        out = batch_norm(input, rm, rv, self.weight, self.bias, training, factor, self.eps,
+                         activation=self.activation, negative_slope=self.negative_slope,
+                         residual=residual, mode=self._mode, **guard_kwargs(self))
+        _count_batch(self)
+        return out
 
     def extra_repr(self) -> str:
         slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
@@ -82,13 +85,16 @@ class _RenormMixin:
             return batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                               False, factor, self.eps, activation=self.activation,
                               negative_slope=self.negative_slope, residual=residual)
-        # num_batches_tracked was just counted: the first warmup_steps steps use r=1, d=0
-        # (rmax=1, dmax=0 clip exactly to that), which is batch norm.
-        warm = int(self.num_batches_tracked) <= self.warmup_steps if self.warmup_steps else False
+        # This is step num_batches_tracked + 1 (counted once it went through): the first
+        # warmup_steps steps use r=1, d=0 (rmax=1, dmax=0 clip exactly to that): batch norm.
+        warm = (int(self.num_batches_tracked) < self.warmup_steps if self.warmup_steps
+                else False)
         rmax, dmax = (1.0, 0.0) if warm else (self.rmax, self.dmax)
-        return batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                            True, factor, self.eps, rmax, dmax, activation=self.activation,
-                            negative_slope=self.negative_slope, residual=residual)
+        out = batch_renorm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                           True, factor, self.eps, rmax, dmax, activation=self.activation,
+                           negative_slope=self.negative_slope, residual=residual)
+        _count_batch(self)
+        return out
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, rmax={self.rmax}, dmax={self.dmax}, "

@@ -19,21 +19,31 @@ from .functional import batch_norm
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
+def _counts_batches(module: _BatchNorm) -> bool:
+    return module.training and module.track_running_stats and module.num_batches_tracked is not None
+
+
 def _average_factor(module: _BatchNorm) -> float:
-    """The momentum handed to the op; counts the batch when running statistics are tracked.
+    """The momentum handed to the op for this batch.
 
     Follows torch's ``_BatchNorm.forward``: with ``momentum=None`` the running statistics are
-    the cumulative average of all batches, i.e. the factor is 1 / num_batches_tracked after
-    counting this batch. The factor does not matter when nothing is updated. Reading the count
-    as a float is data-dependent, so momentum=None does not trace with fullgraph=True -- nor
-    does it in torch's own module.
+    the cumulative average of all batches, i.e. the factor is 1 / (batches counted so far + 1),
+    this batch included. Torch counts the batch before its op runs; tritonbn counts it after
+    (``_count_batch``), so a call the op rejects leaves ``num_batches_tracked`` as it was.
+    Reading the count as a float is data-dependent, so momentum=None does not trace with
+    fullgraph=True -- nor does it in torch's own module.
     """
-    factor = 0.0 if module.momentum is None else module.momentum
-    if module.training and module.track_running_stats and module.num_batches_tracked is not None:
+    if module.momentum is not None:
+        return module.momentum
+    if _counts_batches(module):
+        return 1.0 / (float(module.num_batches_tracked) + 1.0)
+    return 0.0  # nothing is updated: the factor does not matter
+
+
+def _count_batch(module: _BatchNorm) -> None:
+    """num_batches_tracked += 1 once the batch went through (see _average_factor)."""
+    if _counts_batches(module):
         module.num_batches_tracked.add_(1)
-        if module.momentum is None:
-            factor = 1.0 / float(module.num_batches_tracked)
-    return factor
 
 
 def guard_kwargs(module: _BatchNorm) -> dict:
@@ -65,8 +75,10 @@ class _TritonBatchNormMixin:
         pass_running = not self.training or self.track_running_stats
         running_mean: Optional[Tensor] = self.running_mean if pass_running else None
         running_var: Optional[Tensor] = self.running_var if pass_running else None
-        return batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                          use_batch_stats, factor, self.eps, **guard_kwargs(self))
+        out = batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                         use_batch_stats, factor, self.eps, **guard_kwargs(self))
+        _count_batch(self)
+        return out
 
 
 class BatchNorm1d(_TritonBatchNormMixin, torch.nn.BatchNorm1d):

@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import dispatch, launch
 from .kernels.activations import ACTIVATIONS
-from .modules import _TritonBatchNormMixin, guard_kwargs
+from .modules import _TritonBatchNormMixin, _average_factor, _count_batch, guard_kwargs
 from .validate import check_batch_norm_args, check_epilogue_args
 
 __all__ = ["SyncBatchNorm", "sync_batch_norm"]
@@ -131,28 +131,28 @@ class SyncBatchNorm(_TritonBatchNormMixin, _BatchNorm):
         distributed = group is not None and dist.get_world_size(group) > 1
         if not (self.training and distributed):
             return self._local(input, residual)
-        factor = self._factor()
+        factor = _average_factor(self)
         rm = self.running_mean if self.track_running_stats else None
         rv = self.running_var if self.track_running_stats else None
-        return sync_batch_norm(input, rm, rv, self.weight, self.bias, factor, self.eps, group,
-                               activation=self.activation, negative_slope=self.negative_slope,
-                               residual=residual)
-
-    def _factor(self) -> float:
-        from .modules import _average_factor
-        return _average_factor(self)
+        out = sync_batch_norm(input, rm, rv, self.weight, self.bias, factor, self.eps, group,
+                              activation=self.activation, negative_slope=self.negative_slope,
+                              residual=residual)
+        _count_batch(self)
+        return out
 
     def _local(self, input, residual):
         """One process, or eval: tritonbn's batch norm with the module's options."""
         from .functional import batch_norm
-        factor = self._factor()
+        factor = _average_factor(self)
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_running = not self.training or self.track_running_stats
-        return batch_norm(input, self.running_mean if pass_running else None,
-                          self.running_var if pass_running else None, self.weight, self.bias,
-                          batch_stats, factor, self.eps, activation=self.activation,
-                          negative_slope=self.negative_slope, residual=residual,
-                          **guard_kwargs(self))
+        out = batch_norm(input, self.running_mean if pass_running else None,
+                         self.running_var if pass_running else None, self.weight, self.bias,
+                         batch_stats, factor, self.eps, activation=self.activation,
+                         negative_slope=self.negative_slope, residual=residual,
+                         **guard_kwargs(self))
+        _count_batch(self)
+        return out
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:

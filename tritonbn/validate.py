@@ -32,6 +32,13 @@ def _check_param(name: str, t, input: torch.Tensor, c: int) -> None:
                            f"input's dtype {input.dtype}")
 
 
+def _is_real(v) -> bool:
+    """A Python real number (not a bool), or a real 0-d tensor as torch also accepts."""
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.is_complex() and v.dtype != torch.bool
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                           per_activation: bool = False):
     """``per_activation``: statistics per (channel, position), so parameters have C * S elements."""
@@ -53,11 +60,19 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_param(name, t, input, c)
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    if not isinstance(training, bool):
+        raise TypeError(f"batch_norm: training must be a bool, got {type(training).__name__}")
+    if not _is_real(momentum):
         raise TypeError(f"batch_norm: momentum must be a float, got {type(momentum).__name__} "
                         "(momentum=None, the cumulative average, is a module option)")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if not _is_real(eps):
         raise TypeError(f"batch_norm: eps must be a float, got {type(eps).__name__}")
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"batch_norm: {name} requires grad, but running statistics "
+                                   f"are not differentiable (detach it, or update it under "
+                                   f"torch.no_grad())")
     if training and not eps > 0:
         raise ValueError(f"batch_norm: eps must be positive during training, but got {eps}")
     if eps < 0:
