@@ -162,3 +162,78 @@ def test_smoke_shapes_are_tiny_and_keep_their_rank():
     assert shapes.parse_shape("8x64x56x56") == (8, 64, 56, 56)
     with pytest.raises(ValueError):
         shapes.parse_shape("8")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "nomodule"], "module:callable"),
+    (["--model", "no_such_module_xyz:f"], "ModuleNotFoundError"),
+    (["--model", "os:getcwd"], "not an nn.Module"),
+    (["--model", "test_tune:make_model", "--input-shape", "2,x"], "--input-shape"),
+    (["--model", "test_tune:make_model", "--input-shape", "2,5,4,4"], "forward pass failed"),
+    (["--input-shape", "2,3,4,4"], "give --model too"),
+    (["--shape", "2,4", "--max-candidates", "0"], "at least 1"),
+])
+def test_cli_tune_usage_errors_name_the_problem(argv, says, table_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["tune", *argv, "--no-progress"])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert not table_path.exists()
+
+
+def test_cli_tune_refuses_a_table_path_it_would_not_write_before_sweeping(table_path, capsys):
+    table_path.mkdir()
+    with launch.count_launches() as ran, pytest.raises(SystemExit) as exit_:
+        cli.main(["tune", "--shape", "2,4", "--table", str(table_path), "--no-progress"])
+    assert exit_.value.code == 2 and "directory" in capsys.readouterr().err
+    assert not ran and table_path.is_dir()
+    with pytest.raises(SystemExit, match="nothing chosen"):
+        cli.main(["tune", "--shape", "2,4", "--ops", "", "--no-progress"])
+
+
+def test_a_problem_that_cannot_be_tuned_is_reported_and_the_rest_kept(table_path, capsys,
+                                                                      monkeypatch):
+    real = tune.tune_problem
+
+    def fail_2d(problem, *args, **kwargs):
+        if len(problem.shape) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(problem, *args, **kwargs)
+
+    monkeypatch.setattr(tune, "tune_problem", fail_2d)
+    argv = ["tune", "--shape", "2,4", "--shape", "2,4,4,4", "--ops", "fwd_eval", "--layouts",
+            "contiguous", "--table", str(table_path), "--max-candidates", "1", "--no-progress"]
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert "could not tune fwd_eval 2x4 float16 contiguous: RuntimeError: CUDA out of memory" in err
+    assert "wrote 1 entries" in out
+    (entry,) = json.loads(table_path.read_text())["entries"]
+    assert entry["shape"] == [2, 4, 4, 4]
+    with pytest.raises(RuntimeError, match="simulated"):   # the library call raises by default
+        tune.tune(tune.problems_for([(2, 4)], ops=("fwd_eval",)), show_progress=False)
+
+
+def test_the_output_check_rejects_a_plan_that_drops_a_tile(device, monkeypatch):
+    """The tuner compares every candidate with the heuristic plan: on its ramped input, a plan
+    that skips one tile of 64 must fail on the statistics (forward) or the parameter gradients
+    (backward), not only on the activations."""
+    for op in ("fwd_train", "bwd_train"):
+        work = tune.Workload(tune.Problem(op, (8, 3, 16, 16), "float32", "contiguous"), device)
+        plan = dict(variant="split", block_n=1, block_s=64, block_c=1, splits=4, num_warps=4)
+        with dispatch.forced_plan(**plan):
+            ref = work.run()
+            tune._check_outputs(op, work.run(), ref)      # the same plan passes
+            real = dispatch.grid_tiles
+
+            def drop_last(p, n, s):
+                n_tiles_s, n_tiles, per_split, splits = real(p, n, s)
+                return n_tiles_s, n_tiles - 1, per_split, splits
+
+            monkeypatch.setattr(dispatch, "grid_tiles", drop_last)
+            bad = work.run()
+            monkeypatch.setattr(dispatch, "grid_tiles", real)
+        names = ("save_mean", "save_invstd") if op == "fwd_train" else ("grad_weight", "grad_bias")
+        for i, name in enumerate(names, start=1):
+            with pytest.raises(AssertionError, match=name):
+                tune._check_outputs(op, (ref[0], *((bad[i] if j == i else ref[j])
+                                                   for j in (1, 2))), ref)

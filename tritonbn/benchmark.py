@@ -272,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _items(text: str, allowed) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
-    if bad:
-        raise SystemExit(f"tritonbn bench: unknown {bad}; choose from {list(allowed)}")
+    if bad or not items:
+        raise SystemExit(f"tritonbn bench: {'unknown ' + str(bad) if bad else 'nothing chosen'}; "
+                         f"choose from {list(allowed)}")
     return items
 
 
@@ -286,6 +287,13 @@ def main(argv=None) -> int:
     if args.host_only:
         print(bench_report.host_path_line(host_path(run_device())))
         return 0
+    # a results folder that cannot be made should fail now, not after the measurements
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: {e}")
+    if not os.access(args.out, os.W_OK):
+        parser.error(f"--out {args.out}: not writable")
     try:
         shapes = [shape_sets.parse_shape(s) for s in args.shape]
     except ValueError as e:
@@ -313,7 +321,12 @@ def main(argv=None) -> int:
     if args.tag:
         result["meta"]["tag"] = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in args.tag)
     print(bench_report.markdown(result))
-    for path in bench_report.write(result, args.out, plot=not args.no_plot):
+    try:
+        paths = bench_report.write(result, args.out, plot=not args.no_plot)
+    except OSError as e:  # the table is printed above; say why the files are missing
+        print(f"could not write the results to {args.out}: {e}", file=sys.stderr)
+        return 1
+    for path in paths:
         print(f"wrote {path}")
     if smoke:
         print(SMOKE_LABEL)

@@ -114,11 +114,18 @@ def _table_line(device) -> str:
             f"{tuning_table.triton_version()} ({len(table.entries)} in all)")
 
 
-def info(args) -> int:
+def info(args, parser) -> int:
     from tritonbn import dispatch, launch
     from tritonbn.layout import max_offset, plane_view
+    from tritonbn.shapes import parse_shape
 
-    shape = tuple(int(s) for s in args.shape.split(","))
+    try:
+        shape = parse_shape(args.shape)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.layout == "channels_last" and len(shape) not in (4, 5):
+        parser.error(f"--layout channels_last needs a 4-D or 5-D shape, got {len(shape)}-D "
+                     f"{args.shape!r} (torch has no channels-last format for other ranks)")
     dtype = DTYPES[args.dtype]
     x = torch.empty(shape, dtype=dtype, device="meta")
     if args.layout == "channels_last":
@@ -132,6 +139,10 @@ def info(args) -> int:
     # as the launchers decide it (a meta tensor's data_ptr is 0: an aligned pointer)
     aligned = launch._aligned(view, [x])
     print(f"device: {device.name} ({device.sm_count} SMs)")
+    if not torch.cuda.is_available() and not dispatch.interpreter_enabled():
+        print("note: no GPU and TRITON_INTERPRET unset: calls on CPU tensors take the float64 "
+              "reference path and launch no kernel; the plans below are what the interpreter "
+              "(TRITON_INTERPRET=1) would run")
     print(_table_line(device))
     print(f"input {shape} {args.dtype} {args.layout} -> plane view N={view.n} C={view.c} "
           f"S={view.s} strides={view.strides[0]} channels_minor={view.channels_minor} "
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _ensure_kernels_can_run(argv)
         return demo(args)
-    return info(args)
+    return info(args, p_info)
 
 
 if __name__ == "__main__":

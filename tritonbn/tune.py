@@ -34,7 +34,8 @@ from .layout import max_offset, plane_view
 from .progress import Progress
 from .timing import SMOKE_LABEL, make_timer, require_kernels_runnable, run_device, smoke_mode
 
-__all__ = ["Problem", "TuneResult", "problems_for", "candidates", "tune", "tune_model",
+__all__ = ["Problem", "TuneResult", "problems_for", "candidates", "tune", "iter_tune",
+           "tune_model",
            "write_table", "format_results", "main"]
 
 OPS = ("fwd_train", "fwd_eval", "bwd_train", "bwd_eval")
@@ -183,8 +184,14 @@ class Workload:
         gen = torch.Generator(device=device).manual_seed(seed)
         rand = lambda: _layout(torch.randn(problem.shape, generator=gen, device=device)  # noqa: E731
                                .mul_(2).add_(0.5).to(dtype), problem.layout)
-        self.x = rand()
-        c = problem.shape[1]
+        n, c = problem.shape[0], problem.shape[1]
+        # x drifts from -2 to 2 along each channel's (N, S) plane: every tile holds other values,
+        # so a candidate that skips or repeats a tile moves the statistics it is checked on
+        # (with i.i.d. values a missing tile of hundreds hides inside the rounding tolerance).
+        plane = n * math.prod(problem.shape[2:])
+        ramp = torch.linspace(-2, 2, plane, device=device).reshape(n, 1, *problem.shape[2:])
+        self.x = _layout((torch.randn(problem.shape, generator=gen, device=device) * 2 + 0.5
+                          + ramp).to(dtype), problem.layout)
         # float32 parameters with half activations: the AMP case, as the compile check plans
         self.w = torch.linspace(0.5, 1.5, c, device=device)
         self.b = torch.linspace(-0.5, 0.5, c, device=device)
@@ -201,13 +208,15 @@ class Workload:
                 self.x, self.w, self.b, self.rm.clone(), self.rv.clone(), training, 0.1, 1e-5)
             self.dy = rand()
 
-    def run(self) -> torch.Tensor:
+    def run(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The op's outputs worth checking: (y, save_mean, save_invstd) forward,
+        (grad_input, grad_weight, grad_bias) backward."""
         op = self.problem.op
         if op.startswith("fwd"):
             return launch.forward(self.x, self.w, self.b, self.rm, self.rv, op == "fwd_train",
-                                  0.1, 1e-5)[0]
+                                  0.1, 1e-5)[:3]
         return launch.backward(self.dy, self.x, self.w, self.b, None, self.mean, self.invstd,
-                               self.rd, op == "bwd_train", True)[0]
+                               self.rd, op == "bwd_train", True)[:3]
 
     def plan_args(self) -> tuple:
         v = self.view
@@ -216,12 +225,22 @@ class Workload:
 
 
 def _tolerance(ref: torch.Tensor) -> float:
-    """Outputs of two valid plans differ by rounding only (another reduction order changes the
-    statistics in the 7th digit): a few ulps of the output dtype, 1e-4 relative at least. A
-    mis-tiled plan (a missed or doubled tile) is off by the order of the values themselves."""
+    """Outputs of two valid plans differ by rounding only (another reduction order changes
+    float32 statistics and sums in the 6th-7th digit): a few ulps of the output's dtype, 1e-4
+    relative at least. A mis-tiled plan (a tile missed or doubled) moves the statistics of the
+    ramped input by about 1/tiles of its range and the parameter gradients by a tile's share."""
     eps = torch.finfo(ref.dtype).eps
     scale = max(1.0, float(ref.detach().abs().max().float()))
     return max(4 * eps, 1e-4) * scale
+
+
+def _check_outputs(op: str, outs, refs) -> None:
+    names = (("y", "save_mean", "save_invstd") if op.startswith("fwd")
+             else ("grad_input", "grad_weight", "grad_bias"))
+    for name, out, ref in zip(names, outs, refs):
+        err = float((out.float() - ref.float()).abs().max()) if ref.numel() else 0.0
+        if not err <= _tolerance(ref):
+            raise AssertionError(f"{name} differs from the heuristic plan's by {err:.3g}")
 
 
 @dataclass
@@ -275,13 +294,11 @@ def tune_problem(problem: Problem, timer, device: str, max_candidates: int | Non
     for i, fields in enumerate(cands):
         try:
             with dispatch.forced_plan(**fields):
-                out = work.run()
-                if ref is None:
-                    ref = out.detach().clone()  # the heuristic plan's output: the yardstick
+                outs = work.run()
+                if ref is None:  # the heuristic plan's outputs: the yardstick
+                    ref = tuple(o.detach().clone() for o in outs)
                 else:
-                    err = float((out.float() - ref.float()).abs().max())
-                    if not err <= _tolerance(ref):
-                        raise AssertionError(f"output differs from the heuristic plan's by {err:.3g}")
+                    _check_outputs(problem.op, outs, ref)
                 m = timer(work.run, warm=False)
             timings.append((m.median_s, i, fields))
         except Exception as e:  # a plan that fails to compile or run is a finding, not a crash
@@ -301,8 +318,21 @@ def tune_problem(problem: Problem, timer, device: str, max_candidates: int | Non
 
 
 def tune(problems: list[Problem], *, timer=None, max_candidates: int | None = None,
-         thorough: bool = False, show_progress: bool = True, stream=None) -> list[TuneResult]:
-    """Sweep each problem; returns one result per problem (the table is written separately)."""
+         thorough: bool = False, show_progress: bool = True, stream=None,
+         on_error=None) -> list[TuneResult]:
+    """Sweep each problem; returns one result per problem (the table is written separately).
+
+    ``on_error(problem, exception)``: when given, a problem that cannot be tuned at all (every
+    candidate failed, out of memory) is reported to it and the sweep goes on; otherwise the
+    exception propagates."""
+    return list(iter_tune(problems, timer=timer, max_candidates=max_candidates,
+                          thorough=thorough, show_progress=show_progress, stream=stream,
+                          on_error=on_error))
+
+
+def iter_tune(problems: list[Problem], *, timer=None, max_candidates: int | None = None,
+              thorough: bool = False, show_progress: bool = True, stream=None, on_error=None):
+    """tune(), one result at a time (the CLI keeps what finished when it is interrupted)."""
     require_kernels_runnable()
     device = run_device()
     timer = timer or make_timer()
@@ -314,7 +344,13 @@ def tune(problems: list[Problem], *, timer=None, max_candidates: int | None = No
     for p in problems:
         total += min(_count(p, device, thorough), max_candidates or 10**9)
     bar = Progress(total, "tune", stream=stream, enabled=show_progress)
-    return [tune_problem(p, timer, device, max_candidates, thorough, bar) for p in problems]
+    for p in problems:
+        try:
+            yield tune_problem(p, timer, device, max_candidates, thorough, bar)
+        except Exception as e:
+            if on_error is None:
+                raise
+            on_error(p, e)
 
 
 def _count(problem: Problem, device: str, thorough: bool) -> int:
@@ -360,8 +396,9 @@ def _split(text: str, allowed) -> list[str]:
     if items == ["all"]:
         return list(allowed)
     bad = [t for t in items if t not in allowed]
-    if bad:
-        raise SystemExit(f"tritonbn tune: unknown {bad}; choose from {list(allowed)}")
+    if bad or not items:
+        raise SystemExit(f"tritonbn tune: {'unknown ' + str(bad) if bad else 'nothing chosen'}; "
+                         f"choose from {list(allowed)}")
     return items
 
 
@@ -411,17 +448,32 @@ def collect_shapes(args, parser) -> list[tuple[int, ...]]:
             shapes += shape_sets.preset_shapes(name)
     except ValueError as e:
         parser.error(str(e))
+    if args.input_shape and not args.model:
+        parser.error("--input-shape is the input of --model; give --model too")
     if args.model:
-        factory = shape_sets.load_model_factory(args.model)
-        built = factory()
+        try:
+            factory = shape_sets.load_model_factory(args.model)
+            built = factory()
+        except Exception as e:  # the user's code: say what went wrong without a traceback
+            parser.error(f"--model {args.model}: {type(e).__name__}: {e}")
         model, input_shape = (built if isinstance(built, tuple) else (built, None))
-        if args.input_shape:
-            input_shape = shape_sets.parse_shape(args.input_shape)
+        if not isinstance(model, torch.nn.Module):
+            parser.error(f"--model {args.model}: returned a {type(model).__name__}, not an "
+                         f"nn.Module (or an (nn.Module, input shape) pair)")
+        try:
+            if args.input_shape:
+                input_shape = shape_sets.parse_shape(args.input_shape)
+        except ValueError as e:
+            parser.error(f"--input-shape: {e}")
         if input_shape is None:
             parser.error("--model: the callable returned no input shape; give --input-shape")
         input_shape = tuple(input_shape.shape if isinstance(input_shape, torch.Tensor)
                             else input_shape)
-        found = shape_sets.shapes_from_model(model, input_shape)
+        try:
+            found = shape_sets.shapes_from_model(model, input_shape)
+        except Exception as e:
+            parser.error(f"--model {args.model} on input {input_shape}: the forward pass "
+                         f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         print(f"{args.model}: {sum(k for _, k in found)} batch-norm calls, "
               f"{len(found)} distinct input shapes")
         shapes += [s for s, _ in found]
@@ -433,7 +485,14 @@ def collect_shapes(args, parser) -> list[tuple[int, ...]]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.max_candidates is not None and args.max_candidates < 1:
+        parser.error("--max-candidates must be at least 1 (the heuristic plan)")
     smoke = smoke_mode()
+    if not args.no_write:
+        try:
+            tuning_table.check_target(args.table or tuning_table.default_path(smoke=smoke))
+        except tuning_table.TableError as e:
+            parser.error(f"--table: {e}")
     shapes = collect_shapes(args, parser)
     if smoke:
         print(SMOKE_LABEL)
@@ -448,18 +507,37 @@ def main(argv=None) -> int:
     info = dispatch.device_info(torch.device(run_device()))
     print(f"tuning {len(problems)} problems on {info.name} ({info.sm_count} SMs), "
           f"triton {tuning_table.triton_version()}, torch {torch.__version__}")
-    results = tune(problems, timer=timer, max_candidates=args.max_candidates,
-                   thorough=args.thorough, show_progress=not args.no_progress)
+    failed: list[str] = []
+
+    def report(problem, e):
+        failed.append(f"{problem.name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        print(f"\ncould not tune {failed[-1]}", file=sys.stderr)
+
+    results: list[TuneResult] = []
+    interrupted = False
+    try:
+        for r in iter_tune(problems, timer=timer, max_candidates=args.max_candidates,
+                           thorough=args.thorough, show_progress=not args.no_progress,
+                           on_error=report):
+            results.append(r)
+    except KeyboardInterrupt:  # keep the problems that finished: a sweep can take hours
+        interrupted = True
+        print(f"\ninterrupted after {len(results)} of {len(problems)} problems; keeping "
+              f"those", file=sys.stderr)
     print(format_results(results))
     if results:
         gm = math.exp(sum(math.log(r.speedup) for r in results) / len(results))
         print(f"geometric-mean speedup of the tuned plans over the heuristics: {gm:.3f}x")
-    status = 0
-    if not args.no_write:
+    status = 130 if interrupted else (1 if failed else 0)
+    if failed:
+        print(f"{len(failed)} problems could not be tuned:\n  " + "\n  ".join(failed),
+              file=sys.stderr)
+    if not args.no_write and results:
         path = args.table or tuning_table.default_path(smoke=smoke)
         try:
             table = write_table(results, path)
-        except OSError as e:  # the sweep's results are printed above; say why none were kept
+        except (OSError, tuning_table.TableError) as e:
+            # the sweep's results are printed above; say why none were kept
             print(f"could not write the tuning table {path}: {e}", file=sys.stderr)
             status = 1
         else:

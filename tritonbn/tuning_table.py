@@ -25,7 +25,9 @@ at it: interpreter timings must not change anyone's plans by accident.
 Writes take an exclusive lock on ``<table>.lock``, re-read the file, merge, write a temporary
 file in the same directory and ``os.replace`` it: readers see the old or the new table, never a
 torn one, and concurrent tuners each keep their entries. A corrupt or foreign-version table is
-reported with a ``TuningTableWarning`` and ignored (and moved aside when written over).
+reported with a ``TuningTableWarning`` and ignored by the dispatcher. Writing moves a corrupt
+table aside (``<table>.corrupt-<time>``) and refuses -- TableError, before any sweep -- a path
+that is a directory, unreadable, another JSON file or a table of another format version.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["FORMAT", "VERSION", "ENV", "TuningTableWarning", "Table", "Hit", "cache_dir",
+__all__ = ["FORMAT", "VERSION", "ENV", "TuningTableWarning", "TableError", "Table", "Hit",
+           "cache_dir", "check_target",
            "default_path", "active_path", "bucket", "layout_key", "entry_key", "load",
            "merge_write", "lookup", "dispatch_table", "clear_cache", "triton_version"]
 
@@ -335,6 +338,20 @@ def _aside_name(path: str) -> str:
     return name
 
 
+def check_target(path: str) -> None:
+    """Raise TableError now if merge_write would refuse ``path`` (a directory, an unreadable
+    file, some other JSON file, another format version): `tritonbn tune` asks before a sweep
+    that can take hours, not after it."""
+    if os.path.isdir(path):
+        raise TableError(f"{path} is a directory; give the table's file name", "unreadable")
+    try:
+        _read(path)
+    except TableError as e:
+        if e.kind != "corrupt":
+            raise TableError(f"{path}: {e}; not written over (choose another --table)",
+                             e.kind) from None
+
+
 def merge_write(path: str, new_entries: list[dict]) -> Table:
     """Merge entries into the table at ``path`` (same key: the new entry wins) under the lock and
     replace the file atomically. A corrupt table is moved aside to ``<path>.corrupt-<time>``
@@ -343,8 +360,7 @@ def merge_write(path: str, new_entries: list[dict]) -> Table:
     bad = [(_entry_problem(e), e) for e in new_entries if _entry_problem(e) is not None]
     if bad:
         raise ValueError(f"refusing to write a malformed tuning entry: {bad[0][0]}: {bad[0][1]}")
-    if os.path.isdir(path):
-        raise TableError(f"{path} is a directory; give the table's file name", "unreadable")
+    check_target(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _file_lock(path):
         try:
