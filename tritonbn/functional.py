@@ -25,18 +25,6 @@ def _flat(t: Optional[Tensor], c: int) -> Optional[Tensor]:
     return t if t is None or t.dim() == 1 else t.reshape(c)
 
 
-def _flat_stat(t: Optional[Tensor], c: int) -> tuple[Optional[Tensor], bool]:
-    """A running statistic as the (C,) tensor the kernels update in place: a view of ``t``, or,
-    when its strides allow none (e.g. per-activation statistics of shape (C, H, W) that were
-    transposed), a copy -- then True: the caller writes it back."""
-    if t is None or t.dim() == 1:
-        return t, False  # 1-D strided statistics are handled by the launcher
-    try:
-        return t.view(c), False
-    except RuntimeError:
-        return t.reshape(c), True
-
-
 @dataclass(frozen=True)
 class _Guards:
     """The overflow options of one call (see batch_norm)."""
@@ -75,16 +63,14 @@ def _guards(input, overflow, overflow_stats, nonfinite_stats, running_count) -> 
 def _run(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
          activation, negative_slope, renorm=False, rmax=1.0, dmax=0.0, guards=NO_GUARDS):
     c = input.shape[1]
-    (rm, rm_copied), (rv, rv_copied) = _flat_stat(running_mean, c), _flat_stat(running_var, c)
+    # Running statistics go as they are: the launchers (and the reference path) index any
+    # C-element tensor flat and write a strided one back in place. Flattening them here would
+    # update a copy when their strides allow no (C,) view.
     y, _mean, _invstd, _rd = ops.batch_norm_function(
-        input, _flat(weight, c), _flat(bias, c), rm, rv,
+        input, _flat(weight, c), _flat(bias, c), running_mean, running_var,
         bool(training), float(momentum), float(eps), residual, activation or "",
         float(negative_slope), bool(renorm), float(rmax), float(dmax), guards.saturate,
         guards.skip_nonfinite, guards.running_count, guards.overflow_count, guards.overflow_max)
-    with torch.no_grad():
-        for given, used, copied in ((running_mean, rm, rm_copied), (running_var, rv, rv_copied)):
-            if copied:
-                given.copy_(used.view_as(given))
     return y
 
 
@@ -103,8 +89,7 @@ def _per_activation(input, params, residual, run):
     if not channels_last:
         x2 = input.contiguous().reshape(n, c * s)
         r2 = None if residual is None else residual.contiguous().reshape(n, c * s)
-        # parameters of any shape with C * S elements: _run flattens them (and writes running
-        # statistics back when they had to be copied)
+        # parameters of any shape with C * S elements: _run hands them over (see there)
         return run(x2, *params, r2).reshape(input.shape)
     to_last = (0, *range(2, input.dim()), 1)
     x2 = input.permute(to_last).reshape(n, s * c)

@@ -235,7 +235,7 @@ def forward(x, weight, bias, running_mean, running_var, training: bool, momentum
 
     if update:
         for given, used in ((running_mean, rm), (running_var, rv)):
-            if used is not given:  # non-contiguous running stats: write the result back in place
+            if used is not given:  # strided running stats (any shape): write back in place
                 given.copy_(used.view_as(given))
     return y, save_mean, save_invstd, save_rd
 

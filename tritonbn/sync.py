@@ -93,8 +93,11 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
                            "TRITON_INTERPRET=1 before importing triton for CPU tensors")
     group = process_group or dist.group.WORLD
     c = input.shape[1]
-    flat = [None if t is None else t.reshape(c) for t in (weight, bias, running_mean, running_var)]
-    return _SyncBatchNormFunction.apply(input, flat[0], flat[1], flat[2], flat[3], float(momentum),
+    # the parameters flattened (their gradients flow back through the reshape); the running
+    # statistics as they are: the launcher writes strided ones back in place
+    flat = [None if t is None else t.reshape(c) for t in (weight, bias)]
+    return _SyncBatchNormFunction.apply(input, flat[0], flat[1], running_mean, running_var,
+                                        float(momentum),
                                         float(eps), group, residual, activation or None,
                                         float(negative_slope))
 
