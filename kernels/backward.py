@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .activations import activate_grad
-from .common import channel_offsets, load_affine, load_renorm, preactivation, tile_ptrs, tile_rows
+from .common import (channel_offsets, load_affine, load_renorm, load_residual, preactivation,
+                     tile_ptrs, tile_rows)
 from .overflow import store_fit
 
 
@@ -85,11 +86,7 @@ def bn_bwd_partial_kernel(
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
         dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
-        if HAS_RES:
-            res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
-            res = res.to(ACC)
-        else:
-            res = 0.0
+        res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES)
         dz = _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, slope)
         dz = tl.where(mask, dz, 0.0)
         acc_dz += dz
@@ -183,11 +180,8 @@ def bn_bwd_apply_kernel(
             x = x.to(ACC)
         else:
             x = 0.0
-        if HAS_RES and ACT != 0:
-            res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
-            res = res.to(ACC)
-        else:
-            res = 0.0
+        res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC,
+                            HAS_RES and ACT != 0)
         dz = _grad_preact(dy, x, res, mean, gain, shift, ACT, slope)
         if TRAINING:
             dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * (x - mean[None, :])
@@ -249,12 +243,8 @@ def bn_bwd_onepass_kernel(
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
     x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
     dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
-    if HAS_RES and ACT != 0:
-        r_coff = channel_offsets(c, stride_rc, USE_INT64)
-        res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
-        res = res.to(ACC)
-    else:
-        res = 0.0
+    r_coff = channel_offsets(c, stride_rc, USE_INT64)
+    res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES and ACT != 0)
     dz = tl.where(mask, _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, slope), 0.0)
     xc = tl.where(mask, x - mean[None, :], 0.0)
     sum_dz = tl.sum(dz, axis=0)

@@ -130,6 +130,24 @@ def update_running(
 
 
 @triton.jit
+def load_residual(
+    RES,                # pointer to the residual, or dummy
+    n, s, r_coff,       # the tile's sample and position indices, its channels' offsets
+    stride_rn, stride_rs,
+    mask,               # the tile's valid elements
+    ACC: tl.constexpr,
+    LOAD: tl.constexpr,  # false: no residual, or a backward without an activation (no z needed)
+):
+    """The residual's tile in the accumulation dtype, or 0.0 without a load."""
+    if LOAD:
+        res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask,
+                      other=0.0).to(ACC)
+    else:
+        res = 0.0
+    return res
+
+
+@triton.jit
 def load_affine(W, B, c, cmask, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """gamma and beta for the channels in ``c`` in the accumulation dtype (1 and 0 when absent)."""
     if HAS_W:

@@ -22,6 +22,7 @@ from .common import (
     finish_batch_stats,
     inv_std,
     load_affine,
+    load_residual,
     preactivation,
     tile_moments,
     tile_ptrs,
@@ -160,11 +161,7 @@ def bn_fwd_apply_kernel(
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
-        if HAS_RES:
-            res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
-            res = res.to(ACC)
-        else:
-            res = 0.0
+        res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES)
         y = activate(preactivation(x.to(ACC), mean, gain, shift, res), ACT, slope)
         if COUNT_OVERFLOW:
             t_count, t_max = tile_overflow(y, mask, Y.dtype.element_ty)
@@ -234,12 +231,8 @@ def bn_fwd_onepass_kernel(
         SKIP_NONFINITE, CUMULATIVE, SATURATE)
 
     w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
-    if HAS_RES:
-        r_coff = channel_offsets(c, stride_rc, USE_INT64)
-        res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask, other=0.0)
-        res = res.to(ACC)
-    else:
-        res = 0.0
+    r_coff = channel_offsets(c, stride_rc, USE_INT64)
+    res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES)
     y = activate(preactivation(x, mean, w * invstd * r, b + w * d, res), ACT, slope)
     if COUNT_OVERFLOW:
         t_count, t_max = tile_overflow(y, mask, Y.dtype.element_ty)
