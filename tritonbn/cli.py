@@ -5,6 +5,7 @@ table) and ``tritonbn bench`` (compare with torch and other peers). Also ``pytho
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -171,33 +172,27 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"])
     p_info.add_argument("--op", default="all", choices=["all", "fwd_train", "fwd_eval",
                                                          "bwd_train", "bwd_eval"])
-    sub.add_parser("check-compile", add_help=False,
-                   help="compile every kernel plan for sm_90a / sm_80 and report registers, "
-                        "spills, occupancy and access widths (see --help)")
-    sub.add_parser("overflow", add_help=False,
-                   help="profile batch norm near float16's limit against torch and a naive "
-                        "half-precision implementation (see --help)")
-    sub.add_parser("tune", add_help=False,
-                   help="sweep kernel plans for shapes on this GPU and write the tuning table "
-                        "the dispatcher reads (see --help)")
-    sub.add_parser("bench", add_help=False,
-                   help="benchmark against torch eager, torch.compile and other installed "
-                        "implementations; write results under bench/results (see --help)")
-    if argv[:1] == ["check-compile"]:
-        from . import compile_check
-        return compile_check.main(argv[1:])
-    if argv[:1] == ["tune"]:
-        _ensure_kernels_can_run(argv)
-        from . import tune
-        return tune.main(argv[1:])
-    if argv[:1] == ["bench"]:
-        _ensure_kernels_can_run(argv)
-        from . import benchmark
-        return benchmark.main(argv[1:])
-    if argv[:1] == ["overflow"]:
-        _ensure_kernels_can_run(argv)
-        from . import overflow
-        return overflow.main(argv[1:])
+    # Commands with parsers of their own: (module, needs the kernels to run, help).
+    delegated = {
+        "check-compile": ("compile_check", False,
+                          "compile every kernel plan for sm_90a / sm_80 and report registers, "
+                          "spills, occupancy and access widths"),
+        "overflow": ("overflow", True,
+                     "profile batch norm near float16's limit against torch and a naive "
+                     "half-precision implementation"),
+        "tune": ("tune", True, "sweep kernel plans for shapes on this GPU and write the tuning "
+                               "table the dispatcher reads"),
+        "bench": ("benchmark", True, "benchmark against torch eager, torch.compile and other "
+                                     "installed implementations; write results under "
+                                     "bench/results"),
+    }
+    for name, (_module, _kernels, text) in delegated.items():
+        sub.add_parser(name, add_help=False, help=f"{text} (see --help)")
+    if argv[:1] and argv[0] in delegated:
+        module, kernels, _text = delegated[argv[0]]
+        if kernels:
+            _ensure_kernels_can_run(argv)
+        return importlib.import_module(f".{module}", __package__).main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         _ensure_kernels_can_run(argv)
