@@ -338,12 +338,16 @@ def _aside_name(path: str) -> str:
     return name
 
 
+def _refuse_directory(path: str) -> None:
+    if os.path.isdir(path):
+        raise TableError(f"{path} is a directory; give the table's file name", "unreadable")
+
+
 def check_target(path: str) -> None:
     """Raise TableError now if merge_write would refuse ``path`` (a directory, an unreadable
     file, some other JSON file, another format version): `tritonbn tune` asks before a sweep
     that can take hours, not after it."""
-    if os.path.isdir(path):
-        raise TableError(f"{path} is a directory; give the table's file name", "unreadable")
+    _refuse_directory(path)
     try:
         _read(path)
     except TableError as e:
@@ -360,7 +364,7 @@ def merge_write(path: str, new_entries: list[dict]) -> Table:
     bad = [(_entry_problem(e), e) for e in new_entries if _entry_problem(e) is not None]
     if bad:
         raise ValueError(f"refusing to write a malformed tuning entry: {bad[0][0]}: {bad[0][1]}")
-    check_target(path)
+    _refuse_directory(path)  # before a lock file is made beside it (other refusals: below)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _file_lock(path):
         try:
