@@ -21,10 +21,10 @@ ACTIVATIONS = {
     "tanh": 9,
 }
 
-_SQRT_1_2 = tl.constexpr(0.7071067811865476)      # 1 / sqrt(2)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
-_SQRT_2_PI = tl.constexpr(0.7978845608028654)     # sqrt(2 / pi)
-_GELU_C = tl.constexpr(0.044715)
+# The constants below are literals, not module-level tl.constexpr globals: Triton re-checks every
+# global a kernel reads on each launch (~0.5 us apiece), literals cost nothing.
+#   0.7071067811865476 = 1 / sqrt(2)      0.3989422804014327 = 1 / sqrt(2 pi)
+#   0.7978845608028654 = sqrt(2 / pi)     0.044715 = the tanh-GELU cubic coefficient
 
 
 @triton.jit
@@ -50,9 +50,9 @@ def activate(z, ACT: tl.constexpr, slope):
     elif ACT == 4:
         z = z * _sigmoid(z)
     elif ACT == 5:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT_1_2))
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 6:
-        z = 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_C) * _SQRT_2_PI))
+        z = 0.5 * z * (1.0 + _tanh((z + z * z * z * 0.044715) * 0.7978845608028654))
     elif ACT == 7:
         z = z * tl.minimum(tl.maximum(z + 3.0, 0.0), 6.0) / 6.0
     elif ACT == 8:
@@ -75,10 +75,12 @@ def activate_grad(z, ACT: tl.constexpr, slope):
         s = _sigmoid(z)
         g = s * (1.0 + z * (1.0 - s))
     elif ACT == 5:
-        g = 0.5 * (1.0 + tl.math.erf(z * _SQRT_1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        g = (0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
+             + z * tl.exp(-0.5 * z * z) * 0.3989422804014327)
     elif ACT == 6:
-        t = _tanh((z + z * z * z * _GELU_C) * _SQRT_2_PI)
-        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_PI * (1.0 + z * z * (3.0 * _GELU_C))
+        t = _tanh((z + z * z * z * 0.044715) * 0.7978845608028654)
+        g = (0.5 * (1.0 + t)
+             + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + z * z * 0.134145))
     elif ACT == 7:
         g = tl.where(z < -3.0, 0.0, tl.where(z > 3.0, 1.0, z / 3.0 + 0.5))
     elif ACT == 8:

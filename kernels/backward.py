@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .activations import activate_grad
 from .common import (channel_offsets, load_affine, load_renorm, load_residual, preactivation,
-                     tile_ptrs, tile_rows)
+                     scalar, tile_ptrs, tile_rows)
 from .overflow import store_fit
 
 
@@ -35,12 +35,12 @@ def _grad_preact(dy, x, res, mean, gain, shift, ACT: tl.constexpr, slope):
 def bn_bwd_partial_kernel(
     X,                  # pointer to the forward input, canonical view (N, C, S)
     DY,                 # pointer to the output gradient, same view, own strides (may be 0)
-    RES,                # pointer to the forward residual, or dummy
+    RES,                # pointer to the forward residual, or None
     MEAN,               # pointer to the saved mean (C,), ACC
     INVSTD,             # pointer to the saved inverse std (C,), ACC
-    W,                  # pointer to gamma (C,) or dummy
-    B,                  # pointer to beta (C,) or dummy
-    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or dummy
+    W,                  # pointer to gamma (C,) or None
+    B,                  # pointer to beta (C,) or None
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or None
     PART,               # pointer to partial sums, (2, n_splits, C) in ACC: sum dz, sum dz*x_hat
     N, C, S,
     stride_xn, stride_xc, stride_xs,
@@ -49,7 +49,7 @@ def bn_bwd_partial_kernel(
     n_tiles_s,          # tiles along S
     n_tiles,            # tiles in a channel's plane
     tiles_per_split,    # consecutive tiles handled by one program
-    slope,              # leaky_relu negative slope
+    slope: tl.float64,  # leaky_relu negative slope
     ACC: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
@@ -74,7 +74,7 @@ def bn_bwd_partial_kernel(
     shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
-    r_coff = channel_offsets(c, stride_rc, USE_INT64)
+    neg_slope = scalar(slope, ACC)
 
     # Element-wise accumulators, reduced once at the end: fixed order, one tree per program.
     acc_dz = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
@@ -86,8 +86,9 @@ def bn_bwd_partial_kernel(
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
         dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
-        res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES)
-        dz = _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, slope)
+        res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
+                            USE_INT64)
+        dz = _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, neg_slope)
         dz = tl.where(mask, dz, 0.0)
         acc_dz += dz
         acc_dzxc += dz * (x - mean[None, :])
@@ -102,16 +103,16 @@ def bn_bwd_apply_kernel(
     X,                  # pointer to the forward input (read in training or with an activation)
     DY,                 # pointer to the output gradient
     DX,                 # pointer to the input gradient (written)
-    RES,                # pointer to the forward residual, or dummy
-    DRES,               # pointer to the residual gradient (written with an activation), or dummy
+    RES,                # pointer to the forward residual, or None
+    DRES,               # pointer to the residual gradient (written with an activation), or None
     MEAN,               # pointer to the saved mean (C,), ACC
     INVSTD,             # pointer to the saved inverse std (C,), ACC
-    W,                  # pointer to gamma (C,) or dummy
-    B,                  # pointer to beta (C,) or dummy
-    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or dummy
-    PART,               # pointer to the (2, n_part_splits, C) partial sums, or dummy
-    DW,                 # pointer to grad_weight (C,), ACC, or dummy
-    DB,                 # pointer to grad_bias (C,), ACC, or dummy
+    W,                  # pointer to gamma (C,) or None
+    B,                  # pointer to beta (C,) or None
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or None
+    PART,               # pointer to the (2, n_part_splits, C) partial sums, or None
+    DW,                 # pointer to grad_weight (C,), ACC, or None
+    DB,                 # pointer to grad_bias (C,), ACC, or None
     N, C, S,
     stride_xn, stride_xc, stride_xs,
     stride_dyn, stride_dyc, stride_dys,
@@ -123,7 +124,7 @@ def bn_bwd_apply_kernel(
     tiles_per_split,
     n_part_splits,      # splits in PART (0 when the sums are not needed)
     total_count,        # elements per channel behind the sums in PART (all processes' batches)
-    slope,              # leaky_relu negative slope
+    slope: tl.float64,  # leaky_relu negative slope
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,         # batch statistics: dx has the mean terms
     HAS_W: tl.constexpr,
@@ -145,9 +146,10 @@ def bn_bwd_apply_kernel(
     cmask = c < C
     sum_dz = tl.zeros((BLOCK_C,), ACC)
     sum_dzxhat = tl.zeros((BLOCK_C,), ACC)
-    for k in range(0, n_part_splits):
-        sum_dz += tl.load(PART + k * C + c, mask=cmask, other=0.0)
-        sum_dzxhat += tl.load(PART + (n_part_splits + k) * C + c, mask=cmask, other=0.0)
+    if TRAINING or WRITE_SUMS:  # PART is None otherwise: eval grad_input needs no sums
+        for k in range(0, n_part_splits):
+            sum_dz += tl.load(PART + k * C + c, mask=cmask, other=0.0)
+            sum_dzxhat += tl.load(PART + (n_part_splits + k) * C + c, mask=cmask, other=0.0)
 
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
@@ -166,8 +168,7 @@ def bn_bwd_apply_kernel(
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
     dx_coff = channel_offsets(c, stride_dxc, USE_INT64)
-    r_coff = channel_offsets(c, stride_rc, USE_INT64)
-    dr_coff = channel_offsets(c, stride_drc, USE_INT64)
+    neg_slope = scalar(slope, ACC)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
     for t in range(t_start, t_end):
@@ -180,15 +181,16 @@ def bn_bwd_apply_kernel(
             x = x.to(ACC)
         else:
             x = 0.0
-        res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC,
-                            HAS_RES and ACT != 0)
-        dz = _grad_preact(dy, x, res, mean, gain, shift, ACT, slope)
+        res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC,
+                            HAS_RES and ACT != 0, USE_INT64)
+        dz = _grad_preact(dy, x, res, mean, gain, shift, ACT, neg_slope)
         if TRAINING:
             dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * (x - mean[None, :])
         else:
             dx = gain[None, :] * dz
         store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE)
         if WRITE_DRES:
+            dr_coff = channel_offsets(c, stride_drc, USE_INT64)
             store_fit(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs), dz, mask, SATURATE)
 
 
@@ -197,13 +199,13 @@ def bn_bwd_onepass_kernel(
     X,                  # pointer to the forward input, canonical view (N, C, S)
     DY,                 # pointer to the output gradient
     DX,                 # pointer to the input gradient (written)
-    RES,                # pointer to the forward residual, or dummy
-    DRES,               # pointer to the residual gradient (written with an activation), or dummy
+    RES,                # pointer to the forward residual, or None
+    DRES,               # pointer to the residual gradient (written with an activation), or None
     MEAN,               # pointer to the saved mean (C,), ACC
     INVSTD,             # pointer to the saved inverse std (C,), ACC
-    W,                  # pointer to gamma (C,) or dummy
-    B,                  # pointer to beta (C,) or dummy
-    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or dummy
+    W,                  # pointer to gamma (C,) or None
+    B,                  # pointer to beta (C,) or None
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or None
     DW,                 # pointer to grad_weight (C,), ACC
     DB,                 # pointer to grad_bias (C,), ACC
     N, C, S,            # canonical sizes; N <= BLOCK_N and S <= BLOCK_S
@@ -212,7 +214,7 @@ def bn_bwd_onepass_kernel(
     stride_dxn, stride_dxc, stride_dxs,
     stride_rn, stride_rc, stride_rs,
     stride_drn, stride_drc, stride_drs,
-    slope,              # leaky_relu negative slope
+    slope: tl.float64,  # leaky_relu negative slope
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -243,9 +245,10 @@ def bn_bwd_onepass_kernel(
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
     x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
     dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
-    r_coff = channel_offsets(c, stride_rc, USE_INT64)
-    res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES and ACT != 0)
-    dz = tl.where(mask, _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, slope), 0.0)
+    res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC,
+                        HAS_RES and ACT != 0, USE_INT64)
+    dz = tl.where(mask, _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT,
+                                     scalar(slope, ACC)), 0.0)
     xc = tl.where(mask, x - mean[None, :], 0.0)
     sum_dz = tl.sum(dz, axis=0)
     sum_dzxhat = tl.sum(dz * xc, axis=0) * invstd

@@ -90,56 +90,91 @@ def inv_std(var, eps):
 
 
 @triton.jit
+def scalar(v, ACC: tl.constexpr):
+    """A float64 kernel argument as a 0-d value of the accumulation dtype (works the same for the
+    compiled kernels, where v is an fp64 scalar, and for the interpreter, where it is a float)."""
+    return tl.full((), v, ACC)
+
+
+@triton.jit
+def running_weight(
+    BATCHES,            # pointer to the module's batch count, 0-d int64 (CUMULATIVE == 1), or None
+    CH_BATCHES,         # pointer to per-channel batch counts, (C,) int64 (CUMULATIVE == 2), or None
+    c, cmask,           # channel indices and which exist
+    momentum,           # the weight when CUMULATIVE == 0 (float64 argument)
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    CUMULATIVE: tl.constexpr,   # 0: momentum; 1: 1 / (batches + 1); 2: per channel, 1 / (seen + 1)
+):
+    """The weight of this batch in the running statistics, per channel. momentum=None is the
+    cumulative average: the weight comes from a counter read here, on the device, so no host
+    code reads a data-dependent number (fullgraph compiles, CUDA graphs replay it)."""
+    if CUMULATIVE == 1:
+        seen = tl.load(BATCHES).to(ACC)
+        weight = tl.full((BLOCK_C,), 1.0, ACC) / (seen + 1.0)
+    elif CUMULATIVE == 2:
+        seen = tl.load(CH_BATCHES + c, mask=cmask, other=0).to(ACC)
+        weight = 1.0 / (seen + 1.0)
+    else:
+        weight = tl.full((BLOCK_C,), momentum, ACC)
+    return weight
+
+
+@triton.jit
 def update_running(
-    RUN_MEAN,           # pointer to the running mean, (C,), float32 or the input dtype
-    RUN_VAR,            # pointer to the running variance, (C,), same dtype as RUN_MEAN
-    RUN_COUNT,          # pointer to per-channel batch counts, (C,) int64 (CUMULATIVE only)
+    RUN_MEAN,           # pointer to the running mean, (C,), float32 or the input dtype (read)
+    RUN_VAR,            # pointer to the running variance, (C,), same dtype as RUN_MEAN (read)
+    NEW_MEAN,           # pointer the updated running mean is written to (RUN_MEAN for in place)
+    NEW_VAR,            # pointer the updated running variance is written to
+    BATCHES,            # module batch count (CUMULATIVE == 1), or None
+    CH_BATCHES,         # per-channel batch counts (CUMULATIVE == 2), or None
+    NEW_CH_BATCHES,     # where the incremented per-channel counts go (CUMULATIVE == 2), or None
     c,                  # channel indices, (BLOCK_C,)
     cmask,              # which of them exist
     mean,               # batch mean, (BLOCK_C,), accumulation dtype
     m2,                 # batch sum of squared deviations, (BLOCK_C,)
     count,              # elements per channel, (BLOCK_C,)
-    momentum,           # weight of the batch statistics, float
+    momentum,           # weight of the batch statistics (float64 argument)
+    BLOCK_C: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,   # leave a channel alone when its batch statistics are not finite
-    CUMULATIVE: tl.constexpr,       # weight 1 / (batches seen + 1) per channel instead of momentum
+    CUMULATIVE: tl.constexpr,       # see running_weight
     SATURATE: tl.constexpr,         # clamp finite results to the running dtype's range
 ):
-    """running = (1 - w) * running + w * batch, with the unbiased variance; w = momentum, or the
-    cumulative-average weight from the channel's own count of batches."""
-    rm = tl.load(RUN_MEAN + c, mask=cmask, other=0.0)
-    rv = tl.load(RUN_VAR + c, mask=cmask, other=0.0)
+    """running = (1 - w) * running + w * batch, with the unbiased variance; w from running_weight."""
+    acc = mean.dtype
+    rm = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(acc)
+    rv = tl.load(RUN_VAR + c, mask=cmask, other=0.0).to(acc)
     unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-    if CUMULATIVE:
-        seen = tl.load(RUN_COUNT + c, mask=cmask, other=0)
-        weight = 1.0 / (seen.to(mean.dtype) + 1.0)
-    else:
-        weight = momentum
-    new_rm = rm.to(mean.dtype) * (1.0 - weight) + mean * weight
-    new_rv = rv.to(mean.dtype) * (1.0 - weight) + unbiased * weight
+    weight = running_weight(BATCHES, CH_BATCHES, c, cmask, momentum, acc, BLOCK_C, CUMULATIVE)
+    new_rm = rm * (1.0 - weight) + mean * weight
+    new_rv = rv * (1.0 - weight) + unbiased * weight
     if SKIP_NONFINITE:
         # decided per channel on the device: no host sync, other channels still update
         ok = (mean - mean == 0) & (unbiased - unbiased == 0)
-        new_rm = tl.where(ok, new_rm, rm.to(mean.dtype))
-        new_rv = tl.where(ok, new_rv, rv.to(mean.dtype))
+        new_rm = tl.where(ok, new_rm, rm)
+        new_rv = tl.where(ok, new_rv, rv)
     else:
         ok = cmask
-    if CUMULATIVE:
-        tl.store(RUN_COUNT + c, seen + ok.to(seen.dtype), mask=cmask)
-    tl.store(RUN_MEAN + c, fit(new_rm, RUN_MEAN.dtype.element_ty, SATURATE), mask=cmask)
-    tl.store(RUN_VAR + c, fit(new_rv, RUN_VAR.dtype.element_ty, SATURATE), mask=cmask)
+    if CUMULATIVE == 2:
+        seen = tl.load(CH_BATCHES + c, mask=cmask, other=0)
+        tl.store(NEW_CH_BATCHES + c, seen + ok.to(seen.dtype), mask=cmask)
+    tl.store(NEW_MEAN + c, fit(new_rm, NEW_MEAN.dtype.element_ty, SATURATE), mask=cmask)
+    tl.store(NEW_VAR + c, fit(new_rv, NEW_VAR.dtype.element_ty, SATURATE), mask=cmask)
 
 
 @triton.jit
 def load_residual(
-    RES,                # pointer to the residual, or dummy
-    n, s, r_coff,       # the tile's sample and position indices, its channels' offsets
-    stride_rn, stride_rs,
+    RES,                # pointer to the residual, or None
+    n, s, c,            # the tile's sample and position indices, its channels
+    stride_rn, stride_rc, stride_rs,   # the residual's strides (None without it)
     mask,               # the tile's valid elements
     ACC: tl.constexpr,
     LOAD: tl.constexpr,  # false: no residual, or a backward without an activation (no z needed)
+    USE_INT64: tl.constexpr,
 ):
     """The residual's tile in the accumulation dtype, or 0.0 without a load."""
     if LOAD:
+        r_coff = channel_offsets(c, stride_rc, USE_INT64)
         res = tl.load(tile_ptrs(RES, n, s, r_coff, stride_rn, stride_rs), mask=mask,
                       other=0.0).to(ACC)
     else:
@@ -163,22 +198,33 @@ def load_affine(W, B, c, cmask, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: t
 
 @triton.jit
 def renorm_correction(
-    STAT_MEAN,          # pointer to the running mean as it was before this step, (C,)
-    STAT_VAR,           # pointer to the running variance as it was before this step, (C,)
+    RUN_MEAN,           # pointer to the running mean as it was before this step, (C,)
+    RUN_VAR,            # pointer to the running variance as it was before this step, (C,)
+    BATCHES,            # pointer to the module's batch count (0-d int64), or None without warm-up
     c, cmask,           # channel indices and which exist
     mean,               # batch mean, (BLOCK_C,), ACC
     invstd,             # batch 1 / sqrt(var + eps), (BLOCK_C,), ACC
-    eps, rmax, dmax,
+    eps, rmax, dmax,    # float64 arguments
+    warmup_steps,       # steps (batches counted before this one) that use r = 1, d = 0
+    WARMUP: tl.constexpr,
 ):
     """Batch Renormalization's r and d (Ioffe 2017), clipped to [1/rmax, rmax] and [-dmax, dmax].
 
     sigma = sqrt(running_var + eps); r = sigma_batch / sigma; d = (mean - running_mean) / sigma.
+    During the warm-up (the batch count read on the device is below warmup_steps) r = 1, d = 0.
     """
-    rm = tl.load(STAT_MEAN + c, mask=cmask, other=0.0).to(mean.dtype)
-    rv = tl.load(STAT_VAR + c, mask=cmask, other=1.0).to(mean.dtype)
-    inv_sigma = inv_std(rv, eps)
-    r = tl.minimum(tl.maximum(inv_sigma / invstd, 1.0 / rmax), rmax)
-    d = tl.minimum(tl.maximum((mean - rm) * inv_sigma, -dmax), dmax)
+    acc = mean.dtype
+    rm = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(acc)
+    rv = tl.load(RUN_VAR + c, mask=cmask, other=1.0).to(acc)
+    inv_sigma = inv_std(rv, scalar(eps, acc))
+    r_max = scalar(rmax, acc)
+    d_max = scalar(dmax, acc)
+    if WARMUP:
+        warm = tl.load(BATCHES) < warmup_steps
+        r_max = tl.where(warm, 1.0, r_max)
+        d_max = tl.where(warm, 0.0, d_max)
+    r = tl.minimum(tl.maximum(inv_sigma / invstd, 1.0 / r_max), r_max)
+    d = tl.minimum(tl.maximum((mean - rm) * inv_sigma, -d_max), d_max)
     return r, d
 
 
@@ -198,26 +244,32 @@ def load_renorm(SAVE_RD, c, cmask, C, ACC: tl.constexpr, RENORM: tl.constexpr):
 def finish_batch_stats(
     count, mean, m2,            # merged (count, mean, M2) of the channels in c, ACC
     c, cmask, C,
-    RUN_MEAN, RUN_VAR,          # running statistics to update (when UPDATE_RUNNING)
-    RUN_COUNT,                  # per-channel batch counts (CUMULATIVE)
-    STAT_MEAN, STAT_VAR,        # running statistics as before this step (read by RENORM)
+    RUN_MEAN, RUN_VAR,          # running statistics as before this step (read)
+    NEW_MEAN, NEW_VAR,          # where the updated running statistics go (when UPDATE_RUNNING)
+    BATCHES,                    # module batch count (CUMULATIVE == 1 or renorm WARMUP), or None
+    CH_BATCHES, NEW_CH_BATCHES, # per-channel batch counts (CUMULATIVE == 2), or None
     SAVE_MEAN, SAVE_INVSTD,     # (C,) ACC outputs
-    SAVE_RD,                    # (2, C) ACC output: renorm r and d
+    SAVE_RD,                    # (2, C) ACC output: renorm r and d, or None
     write,                      # whether this program writes the per-channel outputs
-    momentum, eps, rmax, dmax,
+    momentum, eps, rmax, dmax,  # float64 arguments
+    warmup_steps,               # renorm warm-up steps
+    BLOCK_C: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr,
     RENORM: tl.constexpr,
+    WARMUP: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
     CUMULATIVE: tl.constexpr,
     SATURATE: tl.constexpr,
 ):
     """Batch 1/std (and renorm r, d) from merged moments; one program per channel writes them."""
-    invstd = inv_std(m2 / tl.maximum(count, 1.0), eps)
+    acc = mean.dtype
+    invstd = inv_std(m2 / tl.maximum(count, 1.0), scalar(eps, acc))
     if RENORM:
-        r, d = renorm_correction(STAT_MEAN, STAT_VAR, c, cmask, mean, invstd, eps, rmax, dmax)
+        r, d = renorm_correction(RUN_MEAN, RUN_VAR, BATCHES, c, cmask, mean, invstd, eps, rmax,
+                                 dmax, warmup_steps, WARMUP)
     else:
-        r = tl.full(c.shape, 1.0, mean.dtype)
-        d = tl.zeros(c.shape, mean.dtype)
+        r = tl.full(c.shape, 1.0, acc)
+        d = tl.zeros(c.shape, acc)
     if write:
         tl.store(SAVE_MEAN + c, mean, mask=cmask)
         tl.store(SAVE_INVSTD + c, invstd, mask=cmask)
@@ -225,7 +277,8 @@ def finish_batch_stats(
             tl.store(SAVE_RD + c, r, mask=cmask)
             tl.store(SAVE_RD + C + c, d, mask=cmask)
         if UPDATE_RUNNING:
-            update_running(RUN_MEAN, RUN_VAR, RUN_COUNT, c, cmask, mean, m2, count, momentum,
+            update_running(RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES, CH_BATCHES,
+                           NEW_CH_BATCHES, c, cmask, mean, m2, count, momentum, BLOCK_C,
                            SKIP_NONFINITE, CUMULATIVE, SATURATE)
     return invstd, r, d
 

@@ -24,6 +24,7 @@ from .common import (
     load_affine,
     load_residual,
     preactivation,
+    scalar,
     tile_moments,
     tile_ptrs,
     tile_rows,
@@ -74,42 +75,47 @@ def bn_stats_partial_kernel(
 def bn_fwd_apply_kernel(
     X,                  # pointer to the input activation, canonical view (N, C, S)
     Y,                  # pointer to the output activation, same view, own strides
-    RES,                # pointer to the residual added before the activation, or dummy
-    PART,               # pointer to the (3, n_part_splits, C) partials (training only)
-    RUN_MEAN,           # pointer to running mean (C,) or dummy: updated in training
-    RUN_VAR,            # pointer to running variance (C,) or dummy
-    RUN_COUNT,          # pointer to per-channel batch counts (C,) int64 (CUMULATIVE), or dummy
-    STAT_MEAN,          # pointer to running mean as before this step: eval stats, renorm r/d
-    STAT_VAR,           # pointer to running variance as before this step
-    W,                  # pointer to gamma (C,) or dummy
-    B,                  # pointer to beta (C,) or dummy
+    RES,                # pointer to the residual added before the activation, or None
+    PART,               # pointer to the (3, n_part_splits, C) partials (training), or None
+    RUN_MEAN,           # pointer to the running mean (C,) as before this step, or None
+    RUN_VAR,            # pointer to the running variance (C,) as before this step, or None
+    NEW_MEAN,           # pointer the updated running mean goes to (RUN_MEAN: in place), or None
+    NEW_VAR,            # pointer the updated running variance goes to, or None
+    BATCHES,            # pointer to the module's batch count, 0-d int64, or None
+    CH_BATCHES,         # pointer to per-channel batch counts (C,) int64, or None
+    NEW_CH_BATCHES,     # pointer the incremented per-channel counts go to, or None
+    W,                  # pointer to gamma (C,) or None
+    B,                  # pointer to beta (C,) or None
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
     SAVE_INVSTD,        # pointer to the saved 1/sqrt(var + eps) (C,), ACC
-    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or dummy
-    OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or dummy
-    OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or dummy
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or None
+    OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or None
+    OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or None
     N, C, S,            # canonical sizes
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
-    stride_rn, stride_rc, stride_rs,   # element strides of RES
+    stride_rn, stride_rc, stride_rs,   # element strides of RES (None without it)
     n_tiles_s,          # tiles along S
     n_tiles,            # tiles in a channel's plane
     tiles_per_split,    # consecutive tiles handled by one program
     n_part_splits,      # splits in PART
-    momentum,           # running-statistics momentum
-    eps,                # added to the variance
-    slope,              # leaky_relu negative slope
-    rmax, dmax,         # batch renorm clipping limits
+    momentum: tl.float64,   # running-statistics momentum
+    eps: tl.float64,        # added to the variance
+    slope: tl.float64,      # leaky_relu negative slope
+    rmax: tl.float64,       # batch renorm clipping limits
+    dmax: tl.float64,
+    warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     ACC: tl.constexpr,
-    TRAINING: tl.constexpr,         # statistics from PART (else from STAT_MEAN / STAT_VAR)
+    TRAINING: tl.constexpr,         # statistics from PART (else from RUN_MEAN / RUN_VAR)
     UPDATE_RUNNING: tl.constexpr,   # training with running statistics present
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,              # activation code (kernels.activations.ACTIVATIONS)
     RENORM: tl.constexpr,           # batch renormalization (training only)
+    WARMUP: tl.constexpr,           # renorm warm-up read from BATCHES
     SKIP_NONFINITE: tl.constexpr,   # running stats keep channels whose batch stats are not finite
-    CUMULATIVE: tl.constexpr,       # cumulative running average from RUN_COUNT
+    CUMULATIVE: tl.constexpr,       # 0 momentum; 1 from BATCHES; 2 from CH_BATCHES (running_weight)
     SATURATE: tl.constexpr,         # clamp finite results beyond the output dtype to +-max
     COUNT_OVERFLOW: tl.constexpr,   # accumulate OVF_COUNT / OVF_MAX
     BLOCK_N: tl.constexpr,
@@ -135,12 +141,13 @@ def bn_fwd_apply_kernel(
             p_m2 = tl.load(PART + 2 * n_part_splits * C + base, mask=cmask, other=0.0)
             count, mean, m2 = chan_merge(count, mean, m2, p_count, p_mean, p_m2)
         invstd, r, d = finish_batch_stats(
-            count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, RUN_COUNT, STAT_MEAN, STAT_VAR,
-            SAVE_MEAN, SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum, eps, rmax, dmax,
-            UPDATE_RUNNING, RENORM, SKIP_NONFINITE, CUMULATIVE, SATURATE)
+            count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES,
+            CH_BATCHES, NEW_CH_BATCHES, SAVE_MEAN, SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum,
+            eps, rmax, dmax, warmup_steps, BLOCK_C, UPDATE_RUNNING, RENORM, WARMUP,
+            SKIP_NONFINITE, CUMULATIVE, SATURATE)
     else:
-        mean = tl.load(STAT_MEAN + c, mask=cmask, other=0.0).to(ACC)
-        invstd = inv_std(tl.load(STAT_VAR + c, mask=cmask, other=1.0).to(ACC), eps)
+        mean = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(ACC)
+        invstd = inv_std(tl.load(RUN_VAR + c, mask=cmask, other=1.0).to(ACC), scalar(eps, ACC))
         r = tl.full((BLOCK_C,), 1.0, ACC)
         d = tl.zeros((BLOCK_C,), ACC)
         if pid_k == 0:
@@ -152,7 +159,7 @@ def bn_fwd_apply_kernel(
     shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     y_coff = channel_offsets(c, stride_yc, USE_INT64)
-    r_coff = channel_offsets(c, stride_rc, USE_INT64)
+    neg_slope = scalar(slope, ACC)
     ovf_count = tl.zeros((BLOCK_C,), tl.int32)
     ovf_max = tl.zeros((BLOCK_C,), ACC)
     t_start = pid_k * tiles_per_split
@@ -161,8 +168,9 @@ def bn_fwd_apply_kernel(
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
         x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
-        res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES)
-        y = activate(preactivation(x.to(ACC), mean, gain, shift, res), ACT, slope)
+        res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
+                            USE_INT64)
+        y = activate(preactivation(x.to(ACC), mean, gain, shift, res), ACT, neg_slope)
         if COUNT_OVERFLOW:
             t_count, t_max = tile_overflow(y, mask, Y.dtype.element_ty)
             ovf_count += t_count
@@ -178,27 +186,31 @@ def bn_fwd_apply_kernel(
 def bn_fwd_onepass_kernel(
     X,                  # pointer to the input activation, canonical view (N, C, S)
     Y,                  # pointer to the output activation
-    RES,                # pointer to the residual, or dummy
-    RUN_MEAN,           # pointer to running mean (C,) or dummy
-    RUN_VAR,            # pointer to running variance (C,) or dummy
-    RUN_COUNT,          # pointer to per-channel batch counts (C,) int64 (CUMULATIVE), or dummy
-    STAT_MEAN,          # pointer to running mean as before this step (renorm), or dummy
-    STAT_VAR,           # pointer to running variance as before this step, or dummy
-    W,                  # pointer to gamma (C,) or dummy
-    B,                  # pointer to beta (C,) or dummy
+    RES,                # pointer to the residual, or None
+    RUN_MEAN,           # pointer to the running mean (C,) as before this step, or None
+    RUN_VAR,            # pointer to the running variance (C,) as before this step, or None
+    NEW_MEAN,           # pointer the updated running mean goes to, or None
+    NEW_VAR,            # pointer the updated running variance goes to, or None
+    BATCHES,            # pointer to the module's batch count, 0-d int64, or None
+    CH_BATCHES,         # pointer to per-channel batch counts (C,) int64, or None
+    NEW_CH_BATCHES,     # pointer the incremented per-channel counts go to, or None
+    W,                  # pointer to gamma (C,) or None
+    B,                  # pointer to beta (C,) or None
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
     SAVE_INVSTD,        # pointer to the saved inverse std (C,), ACC
-    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or dummy
-    OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or dummy
-    OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or dummy
+    SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or None
+    OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or None
+    OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or None
     N, C, S,            # canonical sizes; N <= BLOCK_N and S <= BLOCK_S
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
-    stride_rn, stride_rc, stride_rs,   # element strides of RES
-    momentum,           # running-statistics momentum
-    eps,                # added to the variance
-    slope,              # leaky_relu negative slope
-    rmax, dmax,         # batch renorm clipping limits
+    stride_rn, stride_rc, stride_rs,   # element strides of RES (None without it)
+    momentum: tl.float64,   # running-statistics momentum
+    eps: tl.float64,        # added to the variance
+    slope: tl.float64,      # leaky_relu negative slope
+    rmax: tl.float64,       # batch renorm clipping limits
+    dmax: tl.float64,
+    warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     ACC: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr,
     HAS_W: tl.constexpr,
@@ -206,6 +218,7 @@ def bn_fwd_onepass_kernel(
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
     RENORM: tl.constexpr,
+    WARMUP: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
     CUMULATIVE: tl.constexpr,
     SATURATE: tl.constexpr,
@@ -226,14 +239,15 @@ def bn_fwd_onepass_kernel(
     x = x.to(ACC)
     count, mean, m2 = tile_moments(x, mask, rmask)
     invstd, r, d = finish_batch_stats(
-        count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, RUN_COUNT, STAT_MEAN, STAT_VAR,
-        SAVE_MEAN, SAVE_INVSTD, SAVE_RD, True, momentum, eps, rmax, dmax, UPDATE_RUNNING, RENORM,
-        SKIP_NONFINITE, CUMULATIVE, SATURATE)
+        count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES, CH_BATCHES,
+        NEW_CH_BATCHES, SAVE_MEAN, SAVE_INVSTD, SAVE_RD, True, momentum, eps, rmax, dmax,
+        warmup_steps, BLOCK_C, UPDATE_RUNNING, RENORM, WARMUP, SKIP_NONFINITE, CUMULATIVE,
+        SATURATE)
 
     w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
-    r_coff = channel_offsets(c, stride_rc, USE_INT64)
-    res = load_residual(RES, n, s, r_coff, stride_rn, stride_rs, mask, ACC, HAS_RES)
-    y = activate(preactivation(x, mean, w * invstd * r, b + w * d, res), ACT, slope)
+    res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
+                        USE_INT64)
+    y = activate(preactivation(x, mean, w * invstd * r, b + w * d, res), ACT, scalar(slope, ACC))
     if COUNT_OVERFLOW:
         t_count, t_max = tile_overflow(y, mask, Y.dtype.element_ty)
         tl.atomic_add(OVF_COUNT + c, t_count.to(tl.int64), mask=cmask)

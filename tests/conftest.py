@@ -1,10 +1,10 @@
 """Test setup: without CUDA the Triton kernels run in the interpreter on CPU tensors.
 
-TRITON_INTERPRET must be set before triton is first imported, so it is set here, at conftest
-import time, before any test module imports tritonbn.
+``import tritonbn`` turns the interpreter on by itself when there is no GPU and triton is not
+imported yet; it is also set here, at conftest import time, so that a test module importing
+triton before tritonbn changes nothing.
 """
 import os
-import sys
 
 import pytest
 
@@ -20,7 +20,6 @@ if not _HAS_CUDA:
 # them (the tuning tests point TRITONBN_TUNING_TABLE at their own tables).
 os.environ.setdefault("TRITONBN_TUNING_TABLE", "off")
 
-sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture
@@ -57,11 +56,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 @pytest.fixture
 def table_path(tmp_path, monkeypatch):
     """A private tuning table (and cache dir) for the dispatcher; plan caches cleared around it."""
-    from tritonbn import dispatch, tuning_table
+    from tritonbn import plan as planner, tuning_table
 
     path = tmp_path / "tuning.json"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(tuning_table.ENV, str(path))
-    dispatch.reload_tuning_table()
+    planner.reload_tuning_table()
     yield path
-    dispatch.reload_tuning_table()
+    planner.reload_tuning_table()

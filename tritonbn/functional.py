@@ -1,108 +1,108 @@
-"""The public functional ops: tritonbn.batch_norm, a drop-in for torch.nn.functional.batch_norm
-that can also fuse the residual add and activation that follow it, in cuDNN's spatial or
-per-activation mode; and tritonbn.batch_renorm, Batch Renormalization on the same kernels."""
+"""The public functional ops: ``batch_norm``, a drop-in for torch.nn.functional.batch_norm that
+can also fuse the residual add and activation after it, in cuDNN's spatial or per-activation
+mode; ``batch_renorm``, Batch Renormalization; and ``sync_batch_norm``, statistics synchronized
+across processes. Each validates its arguments, builds the call's ``Options`` and runs the op
+(tritonbn/ops.py) through ``run``, which the modules call as well.
+"""
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from .validate import check_batch_norm_args, check_epilogue_args, check_renorm_args
+from .options import ForwardArgs, Options
+from .validate import check_options, check_scalars, check_tensors
 
-__all__ = ["batch_norm", "batch_renorm"]
-
-MODES = ("spatial", "per_activation")
-OVERFLOW_POLICIES = ("propagate", "saturate")
-NONFINITE_POLICIES = ("propagate", "skip")
+__all__ = ["batch_norm", "batch_renorm", "sync_batch_norm", "run", "options"]
 
 
-def _flat(t: Optional[Tensor], c: int) -> Optional[Tensor]:
-    # torch accepts any parameter with C elements, e.g. shape (1, C); the kernels index it flat.
-    return t if t is None or t.dim() == 1 else t.reshape(c)
+@functools.lru_cache(maxsize=512)  # a few per model: building and checking costs ~2 us
+def _cached_options(*fields) -> Options:
+    o = Options(*fields)
+    check_options(o)
+    return o
 
 
-@dataclass(frozen=True)
-class _Guards:
-    """The overflow options of one call (see batch_norm)."""
-    saturate: bool = False
-    skip_nonfinite: bool = False
-    running_count: Optional[Tensor] = None
-    overflow_count: Optional[Tensor] = None
-    overflow_max: Optional[Tensor] = None
+def options(training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+            activation: Optional[str] = None, negative_slope: float = 0.01,
+            renorm: Optional[tuple[float, float]] = None, warmup_steps: int = 0,
+            overflow: str = "propagate", nonfinite_stats: str = "propagate",
+            cumulative: bool = False, group: Optional[str] = None) -> Options:
+    """The checked Options of one call, from the public argument names and types (checked
+    here, before they become canonical Python values)."""
+    check_scalars(training, momentum, eps, activation, negative_slope, overflow,
+                  nonfinite_stats)
+    fields = (training, float(momentum), float(eps), activation or None, float(negative_slope),
+              None if renorm is None else (float(renorm[0]), float(renorm[1])),
+              int(warmup_steps), overflow == "saturate", nonfinite_stats == "skip",
+              bool(cumulative), group)
+    if torch.compiler.is_compiling():  # Dynamo folds it; the cache would only warn
+        o = Options(*fields)
+        check_options(o)
+        return o
+    return _cached_options(*fields)
 
 
-NO_GUARDS = _Guards()
+def _flat(t: Optional[Tensor], numel: int) -> Optional[Tensor]:
+    # torch accepts a parameter of any shape with C elements (e.g. (1, C)); the kernels index it
+    # flat, and its gradient flows back through the reshape.
+    return t if t is None or t.dim() == 1 else t.reshape(numel)
 
 
-def _guards(input, overflow, overflow_stats, nonfinite_stats, running_count) -> _Guards:
-    if (overflow == "propagate" and nonfinite_stats == "propagate" and overflow_stats is None
-            and running_count is None):
-        return NO_GUARDS  # the common call: no dataclass to build (host time, see ops._direct)
-    if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"batch_norm: overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
-    if nonfinite_stats not in NONFINITE_POLICIES:
-        raise ValueError(f"batch_norm: nonfinite_stats must be one of {NONFINITE_POLICIES}, "
-                         f"got {nonfinite_stats!r}")
+def run(input: Tensor, o: Options, running_mean=None, running_var=None, weight=None,
+        bias=None, residual=None, batches=None, channel_batches=None, overflow_stats=None,
+        per_activation: bool = False) -> Tensor:
+    """Check the tensors of a call with options ``o`` and run it; returns y. The running
+    statistics and counters are updated in place (whatever their strides or shape).
+    ``per_activation``: every per-channel tensor is per (channel, position) feature instead."""
+    check_tensors(input, o, running_mean, running_var, weight, bias, residual, batches,
+                  channel_batches, overflow_stats, per_activation)
+    counters = (None, None) if overflow_stats is None else (overflow_stats.count,
+                                                           overflow_stats.max_abs)
+    features = (running_mean, running_var, channel_batches, *counters)
+    if per_activation and input.dim() > 2:
+        return _per_activation(input, o, weight, bias, residual, batches, features)
     c = input.shape[1]
-    if overflow_stats is not None:
-        overflow_stats.check(c, input.device)
-    if running_count is not None and (running_count.numel() != c or running_count.dtype != torch.int64
-                                      or running_count.device != input.device):
-        raise RuntimeError(f"batch_norm: running_count must be an int64 tensor of {c} elements on "
-                           f"{input.device}, got {running_count.dtype} {tuple(running_count.shape)} "
-                           f"on {running_count.device}")
-    return _Guards(overflow == "saturate", nonfinite_stats == "skip", running_count,
-                   None if overflow_stats is None else overflow_stats.count,
-                   None if overflow_stats is None else overflow_stats.max_abs)
+    a = ForwardArgs(input, _flat(weight, c), _flat(bias, c), residual, running_mean,
+                    running_var, batches, *features[2:])
+    return ops.batch_norm_op(o, a)[0]
 
 
-def _run(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-         activation, negative_slope, renorm=False, rmax=1.0, dmax=0.0, guards=NO_GUARDS):
-    c = input.shape[1]
-    # Running statistics go as they are: the launchers (and the reference path) index any
-    # C-element tensor flat and write a strided one back in place. Flattening them here would
-    # update a copy when their strides allow no (C,) view.
-    y, _mean, _invstd, _rd = ops.batch_norm_function(
-        input, _flat(weight, c), _flat(bias, c), running_mean, running_var,
-        bool(training), float(momentum), float(eps), residual, activation or "",
-        float(negative_slope), bool(renorm), float(rmax), float(dmax), guards.saturate,
-        guards.skip_nonfinite, guards.running_count, guards.overflow_count, guards.overflow_max)
-    return y
-
-
-def _per_activation(input, params, residual, run):
+def _per_activation(input, o, weight, bias, residual, batches, features) -> Tensor:
     """Batch norm over the batch only, one statistic per (channel, position) feature.
 
     The input becomes a 2-D (N, features) batch without copying: contiguous inputs in
-    (C, *spatial) feature order; channels-last inputs in memory order (*spatial, C), with the
-    parameters and running statistics (C * S elements, not activations) permuted to match and
-    the running statistics written back.
+    (C, *spatial) feature order; channels-last inputs in memory order (*spatial, C). The tensors
+    the op updates (running statistics, counters) are passed as views in that order -- the
+    launchers update them in place through the view -- and the parameters as reordered copies
+    (their gradients flow back).
     """
     n, c, spatial = input.shape[0], input.shape[1], tuple(input.shape[2:])
     s = math.prod(spatial)
+    # (C, *spatial) views of the per-feature tensors; one that has none is refused, not copied
+    # (a copy would take the update).
+    features = [None if t is None else t.view(c, *spatial) for t in features]
+    to_last = (0, *range(2, input.dim()), 1)
     channels_last = input.dim() > 2 and not input.is_contiguous() and input.permute(
-        0, *range(2, input.dim()), 1).is_contiguous()
+        to_last).is_contiguous()
     if not channels_last:
         x2 = input.contiguous().reshape(n, c * s)
         r2 = None if residual is None else residual.contiguous().reshape(n, c * s)
-        # parameters of any shape with C * S elements: _run hands them over (see there)
-        return run(x2, *params, r2).reshape(input.shape)
-    to_last = (0, *range(2, input.dim()), 1)
+        rm, rv, *rest = features
+        a = ForwardArgs(x2, _flat(weight, c * s), _flat(bias, c * s), r2, rm, rv, batches, *rest)
+        return ops.batch_norm_op(o, a)[0].reshape(input.shape)
+    last = (*range(1, len(spatial) + 1), 0)      # (C, *spatial) -> (*spatial, C)
     x2 = input.permute(to_last).reshape(n, s * c)
     r2 = None if residual is None else residual.permute(to_last).reshape(n, s * c)
-    permuted = [None if p is None else p.reshape(c, s).t().reshape(s * c) for p in params]
-    rm, rv = params[0], params[1]
-    if rm is not None:  # the permuted running stats are copies: update them, then write back
-        permuted[0], permuted[1] = permuted[0].clone(), permuted[1].clone()
-    y2 = run(x2, *permuted, r2)
-    if rm is not None:
-        with torch.no_grad():
-            rm.reshape(c, s).copy_(permuted[0].reshape(s, c).t())
-            rv.reshape(c, s).copy_(permuted[1].reshape(s, c).t())
+    w, b = [None if t is None else t.reshape(c, *spatial).permute(last).reshape(s * c)
+            for t in (weight, bias)]
+    rm, rv, *rest = [None if t is None else t.permute(last) for t in features]
+    y2 = ops.batch_norm_op(o, ForwardArgs(x2, w, b, r2, rm, rv, batches, *rest))[0]
     back = (0, input.dim() - 1, *range(1, input.dim() - 1))
     return y2.reshape(n, *spatial, c).permute(back)
 
@@ -145,25 +145,17 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
       * ``running_count``: per-channel int64 batch counts for a cumulative running average
         (what momentum=None means in the modules), incremented in the kernel; momentum unused.
     """
-    check_epilogue_args(input, activation, negative_slope, residual)
-    if mode not in MODES:
-        raise ValueError(f"batch_norm: mode must be one of {MODES}, got {mode!r}")
-    if mode == "per_activation" and isinstance(input, Tensor) and input.dim() > 2:
-        if overflow_stats is not None or running_count is not None:
-            raise ValueError("batch_norm: overflow_stats and running_count are per channel: "
-                             "mode='spatial' only")
-        check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum,
-                              eps, per_activation=True)
+    o = options(training, momentum, eps, activation, negative_slope, overflow=overflow,
+                nonfinite_stats=nonfinite_stats, cumulative=running_count is not None)
+    return run(input, o, running_mean, running_var, weight, bias, residual,
+               channel_batches=running_count, overflow_stats=overflow_stats,
+               per_activation=_mode(mode))
 
-        def run(x2, rm, rv, w, b, r2):
-            guards = _guards(x2, overflow, None, nonfinite_stats, None)
-            return _run(x2, rm, rv, w, b, training, momentum, eps, r2, activation, negative_slope,
-                        guards=guards)
-        return _per_activation(input, (running_mean, running_var, weight, bias), residual, run)
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    guards = _guards(input, overflow, overflow_stats, nonfinite_stats, running_count)
-    return _run(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-                activation, negative_slope, guards=guards)
+
+def _mode(mode: str) -> bool:
+    if mode not in ("spatial", "per_activation"):
+        raise ValueError(f"batch_norm: mode must be 'spatial' or 'per_activation', got {mode!r}")
+    return mode == "per_activation"
 
 
 def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
@@ -179,8 +171,22 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     running statistics follow torch's batch norm (momentum, unbiased variance). rmax=1, dmax=0
     is plain batch norm.
     """
-    check_epilogue_args(input, activation, negative_slope, residual)
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    check_renorm_args(running_mean, rmax, dmax)
-    return _run(input, running_mean, running_var, weight, bias, training, momentum, eps, residual,
-                activation, negative_slope, renorm=True, rmax=rmax, dmax=dmax)
+    o = options(training, momentum, eps, activation, negative_slope, renorm=(rmax, dmax))
+    return run(input, o, running_mean, running_var, weight, bias, residual)
+
+
+def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                    weight: Optional[Tensor], bias: Optional[Tensor], momentum: float, eps: float,
+                    process_group=None, *, activation: Optional[str] = None,
+                    negative_slope: float = 0.01, residual: Optional[Tensor] = None) -> Tensor:
+    """Training-mode batch norm with statistics over the batches of every process in
+    ``process_group`` (default: the world): one all_gather of per-channel (count, mean, M2)
+    forward, one all_reduce of per-channel sums backward."""
+    o = options(True, momentum, eps, activation, negative_slope, group=group_name(process_group))
+    return run(input, o, running_mean, running_var, weight, bias, residual)
+
+
+def group_name(process_group=None) -> str:
+    """The name under which the launchers find a process group again (default: the world)."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    return group.group_name

@@ -1,55 +1,53 @@
-"""Launchers: take validated tensors, allocate outputs, choose a plan, launch the kernels.
+"""The launchers: the one place where a batch norm runs.
 
-Every launch is counted in ``LAUNCHES`` (kernel name -> launches) so tests can prove which
-kernels ran; nothing here ever substitutes a torch computation for a kernel.
+``forward`` and ``backward`` take the op's tensors (``ForwardArgs`` / ``BackwardArgs``) and its
+``Options``, allocate the outputs, and run one of two backends behind the same steps:
+
+* the Triton kernels, planned by tritonbn/plan.py (on a GPU, or on CPU tensors in the
+  interpreter);
+* the float64 reference (tritonbn/reference.py), for CPU tensors when Triton runs no kernels
+  there (see tritonbn/_runtime.py).
+
+A synchronized call (``Options.group``) adds its collectives between the same steps: the
+forward gathers every process's per-channel (count, mean, M2) before normalizing, the backward
+all-reduces the per-channel sums before computing grad_input.
+
+Tensors the op updates (running statistics, batch counters, overflow counters) are written in
+place (``in_place=True``: eager calls) or to new tensors returned as ``new_<name>`` outputs
+(``in_place=False``: the custom op, whose callers copy them back). Every kernel launch is counted
+in ``LAUNCHES`` (kernel name -> launches) so tests can prove which kernels ran; nothing here
+substitutes a torch computation for a kernel.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import functools
-from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import triton.language as tl
 
-from . import dispatch
+from . import plan as planner
+from . import reference
+from ._runtime import uses_reference, warn_reference_path
 from .kernels import (
-    bn_merge_partials_kernel,
     bn_bwd_apply_kernel,
     bn_bwd_onepass_kernel,
     bn_bwd_partial_kernel,
     bn_fwd_apply_kernel,
     bn_fwd_onepass_kernel,
+    bn_merge_partials_kernel,
     bn_stats_partial_kernel,
 )
-from .layout import max_offset, output_memory_format, plane_view
+from .layout import empty_output, max_offset, plane_view
+from .options import UPDATED, BackwardArgs, ForwardArgs, Options
 
-__all__ = ["LAUNCHES", "count_launches", "capture_launches", "acc_dtype", "Epilogue", "forward",
-           "backward"]
+__all__ = ["LAUNCHES", "count_launches", "capture_launches", "acc_dtype", "plan_for", "Planned",
+           "forward", "backward", "UPDATES", "COMPILE_OPTIONS"]
 
 LAUNCHES: collections.Counter = collections.Counter()
-
-
-def _check_interpreter_support() -> None:
-    """Triton 3.6's interpreter hands loop bounds to Python as 1-element arrays, which NumPy
-    2.4 no longer converts ("only 0-dimensional arrays can be converted to Python scalars").
-    Seen with triton 3.6.0 + numpy 2.4; triton 3.8 and 3.9 are fine; 3.7 was not tried."""
-    if not dispatch.interpreter_enabled():
-        return
-    import numpy
-    import triton
-
-    def version(mod):
-        return tuple(int(p) for p in mod.__version__.split(".")[:2] if p.isdigit())
-
-    if version(triton) < (3, 7) and version(numpy) >= (2, 4):
-        raise RuntimeError(
-            f"The Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) fails with "
-            f"NumPy {numpy.__version__}: install 'numpy<2.4' or triton>=3.8")
-
-
-_check_interpreter_support()
 
 
 @contextlib.contextmanager
@@ -61,15 +59,6 @@ def count_launches():
         yield seen
     finally:
         seen.update(LAUNCHES - before)
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation and saved-statistics dtype: float32, or float64 for float64 activations."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 _captured: list | None = None
@@ -105,26 +94,27 @@ def _run(kernel, grid, args, kwargs) -> None:
     LAUNCHES[kernel.fn.__name__] += 1
 
 
-def _launch(kernel, grid, *args, plan: dispatch.Plan, **constexprs):
-    _run(kernel, grid, args, dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s,
-                                  BLOCK_C=plan.block_c, USE_INT64=plan.use_int64,
-                                  num_warps=plan.num_warps, **constexprs))
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation and saved-statistics dtype: float32, or float64 for float64 activations."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _view_or_copy(x: torch.Tensor, others: list[torch.Tensor]):
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ---------------------------------------------------------------------------------- planning
+
+def _view_or_copy(x: torch.Tensor, others: list):
     """The plane view of x (and tensors shaped like it); copies inputs whose strides have none."""
-    view = plane_view(x.shape, [x, *others])
+    present = [t for t in others if t is not None]
+    view = plane_view(x.shape, [x, *present])
     if view is None:
         x = x.contiguous()
-        others = [t if plane_view(t.shape, [t]) is not None else t.contiguous() for t in others]
-        view = plane_view(x.shape, [x, *others])
+        others = [t if t is None or plane_view(t.shape, [t]) is not None else t.contiguous()
+                  for t in others]
+        view = plane_view(x.shape, [x, *(t for t in others if t is not None)])
     return view, x, others
-
-
-def _aligned(view, tensors: list[torch.Tensor]) -> bool:
-    """16-byte aligned pointers and strides (in bytes) for every activation: vectorizable."""
-    return (all(t.data_ptr() % 16 == 0 for t in tensors)
-            and _view_facts(view, tensors[0].element_size())[1])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -135,109 +125,138 @@ def _view_facts(view, elem_bytes: int) -> tuple[int, bool]:
                                  for sts in view.strides for st in sts)
 
 
-def _plan(op: str, view, x: torch.Tensor, tensors: list[torch.Tensor]) -> dispatch.Plan:
-    elem = x.element_size()
-    return dispatch.make_plan(op, view.n, view.c, view.s, view.channels_minor, elem,
-                              _view_facts(view, elem)[0], dispatch.device_info(x.device),
-                              _aligned(view, tensors), dtype=_DTYPE_NAMES.get(x.dtype))
-
-
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
 
 
-@dataclass(frozen=True)
-class Epilogue:
-    """What the kernels fuse around the normalization."""
-    act: int = 0                                # activation code (kernels.activations)
-    slope: float = 0.01                         # leaky_relu negative slope
-    renorm: tuple[float, float] | None = None   # batch renorm (rmax, dmax), training only
-    saturate: bool = False                      # output policy: clamp to the dtype's range
-    skip_nonfinite: bool = False                # running stats skip non-finite channels
+def _aligned(view, x: torch.Tensor, tensors) -> bool:
+    """Every activation pointer 16-byte aligned and every non-unit stride a multiple of 16
+    bytes: the compiler can vectorize."""
+    return _view_facts(view, x.element_size())[1] and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-PLAIN = Epilogue()
-_NO_STRIDES = (0, 0, 0)
+def _plan(op: str, view, x: torch.Tensor, tensors, tuned: bool = True,
+          device: Optional[torch.device] = None) -> planner.Plan:
+    elem = x.element_size()
+    return planner.make_plan(op, view.n, view.c, view.s, view.channels_minor, elem,
+                             _view_facts(view, elem)[0], planner.device_info(device or x.device),
+                             _aligned(view, x, tensors), dtype=_DTYPE_NAMES.get(x.dtype),
+                             tuned=tuned)
 
 
-def forward(x, weight, bias, running_mean, running_var, training: bool, momentum: float,
-            eps: float, residual=None, epi: Epilogue = PLAIN, running_count=None,
-            overflow_count=None, overflow_max=None, sync=None):
-    """Batch norm forward: y = act(BN(x) + residual). Returns (y, save_mean, save_invstd,
-    save_rd); updates the running statistics in training. save_rd is renorm's (r, d) or empty.
+class Planned(NamedTuple):
+    view: object                # layout.PlaneView
+    plan: planner.Plan
+    aligned: bool
 
-    ``running_count`` (C,) int64: per-channel batch counts for a cumulative running average
-    (momentum unused), incremented by the kernel. ``overflow_count`` (C,) int64 and
-    ``overflow_max`` (C,) float32 accumulate the outputs that overflow and the largest |y|.
-    ``sync`` (training only): a function from this batch's (3, C) (count, mean, M2) summary to
-    the (3, K, C) summaries of every process, which then normalize x -- synchronized batch norm."""
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    y = torch.empty_like(x, memory_format=output_memory_format(x))
-    save_mean = torch.empty(c, dtype=acc, device=x.device)
-    save_invstd = torch.empty(c, dtype=acc, device=x.device)
-    renorm = training and epi.renorm is not None
-    save_rd = torch.empty((2, c) if renorm else (0,), dtype=acc, device=x.device)
-    if x.numel() == 0 and sync is None:
-        # torch leaves the running statistics alone on an empty batch; nothing to normalize.
-        save_mean.zero_()
-        save_invstd.zero_()
-        save_rd.zero_()
-        return y, save_mean, save_invstd, save_rd
 
-    view, x, others = _view_or_copy(x, [y] + ([residual] if residual is not None else []))
-    assert others[0] is y, "outputs are allocated in a format that always has a plane view"
-    res = others[1] if residual is not None else save_mean
-    update = training and running_mean is not None
-    rm = running_mean.contiguous() if running_mean is not None else save_mean
-    rv = running_var.contiguous() if running_var is not None else save_invstd
-    w = weight.contiguous() if weight is not None else save_mean
-    b = bias.contiguous() if bias is not None else save_mean
-    plan = _plan("fwd_train" if training else "fwd_eval", view, x, [x, *others])
-    strides = (*view.strides[0], *view.strides[1],
-               *(view.strides[2] if residual is not None else _NO_STRIDES))
-    rmax, dmax = epi.renorm if renorm else (1.0, 0.0)
-    common = dict(ACC=_tl(acc), HAS_W=weight is not None, HAS_B=bias is not None,
-                  HAS_RES=residual is not None, ACT=epi.act, RENORM=renorm, plan=plan)
-    scalars = (float(momentum), float(eps), float(epi.slope), float(rmax), float(dmax))
-    c_blocks = dispatch.cdiv(c, plan.block_c)
-    counting = overflow_count is not None
-    ovf = (overflow_count, overflow_max) if counting else (save_mean, save_mean)
-    run_count = running_count if running_count is not None else save_mean
-    common.update(SKIP_NONFINITE=epi.skip_nonfinite, CUMULATIVE=running_count is not None,
-                  SATURATE=epi.saturate, COUNT_OVERFLOW=counting)
+def plan_for(op: str, x: torch.Tensor, tuned: bool = True,
+             device: Optional[torch.device] = None) -> Planned:
+    """The plane view and the plan the launchers use for ``op`` on an input like ``x`` (a meta
+    tensor will do, with the ``device`` to plan for); ``tuned=False``: the heuristic plan,
+    ignoring the tuning table. What ``tritonbn info`` prints and ``tritonbn tune`` starts from."""
+    view, x, _ = _view_or_copy(x, [])
+    return Planned(view, _plan(op, view, x, [x], tuned, device), _aligned(view, x, [x]))
 
-    # An empty batch in a synchronized step still finalizes the shared statistics (so every
-    # process updates its running statistics alike): its grid has one program and no tiles.
-    if training and plan.variant == "onepass" and sync is None:
-        # One program per channel reads the running statistics before it updates them.
-        _launch(bn_fwd_onepass_kernel, (c_blocks,), x, y, res, rm, rv, run_count, rm, rv, w, b,
-                save_mean, save_invstd, save_rd, *ovf, view.n, c, view.s, *strides, *scalars,
-                UPDATE_RUNNING=update, **common)
-    else:
-        n_tiles_s, n_tiles, per_split, splits = dispatch.grid_tiles(plan, view.n, view.s)
-        part = save_mean
-        if training:
-            part, part_splits = torch.empty((3, splits, c), dtype=acc, device=x.device), splits
-            _launch(bn_stats_partial_kernel, (c_blocks, splits), x, part, view.n, c, view.s,
-                    *strides[:3], n_tiles_s, n_tiles, per_split, ACC=_tl(acc), plan=plan)
-        if sync is not None:
-            part = sync(merge_partials(part, moments=True))
-            part_splits = part.shape[1]
-        # Renorm's r and d must come from the running statistics of before this step in every
-        # program, while the first program of each channel block updates them: read a snapshot.
-        stat_mean, stat_var = (rm.clone(), rv.clone()) if renorm else (rm, rv)
-        _launch(bn_fwd_apply_kernel, (c_blocks, splits), x, y, res, part, rm, rv, run_count,
-                stat_mean, stat_var, w, b, save_mean, save_invstd, save_rd, *ovf, view.n, c,
-                view.s, *strides,
-                n_tiles_s, n_tiles, per_split, part_splits if training else 0, *scalars,
-                TRAINING=training, UPDATE_RUNNING=update, **common)
 
-    if update:
-        for given, used in ((running_mean, rm), (running_var, rv)):
-            if used is not given:  # strided running stats (any shape): write back in place
-                given.copy_(used.view_as(given))
-    return y, save_mean, save_invstd, save_rd
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Per-channel tensors are indexed flat by the kernels."""
+    return None if t is None else t.contiguous()
+
+
+def _strides(view, i: int, present: bool):
+    """The i-th tensor's (stride_n, stride_c, stride_s), or Nones for an absent tensor."""
+    return view.strides[i] if present else (None, None, None)
+
+
+def _launch(kernel, grid, *args, plan: planner.Plan, **constexprs):
+    _run(kernel, grid, args, dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s,
+                                  BLOCK_C=plan.block_c, USE_INT64=plan.use_int64,
+                                  num_warps=plan.num_warps, **constexprs))
+
+
+# ---------------------------------------------------------------------- tensors the op updates
+
+class _Updated:
+    """How the kernels read and write one tensor the op updates, and how it gets back.
+
+    ``read``: flat values before the call (a view of the caller's tensor, or a copy when its
+    strides have no flat view). ``write``: where the kernels put the new values -- ``read``
+    itself when they may update in place, else a new tensor (a copy of ``read`` for counters
+    that accumulate). In place, a new tensor is copied into the caller's afterwards (strided or
+    reshaped statistics, renorm); otherwise it is the op's ``new_<name>`` output.
+    """
+
+    def __init__(self, given: Optional[torch.Tensor], updates: bool, in_place: bool,
+                 accumulates: bool = False, separate: bool = False):
+        self.given, self.in_place = given, in_place
+        self.updates = updates and given is not None
+        self.read = None if given is None else given.contiguous().view(-1)
+        if not self.updates:
+            self.write = None
+        elif in_place and not separate and given.is_contiguous():
+            self.write = self.read          # a flat view of the caller's tensor
+        elif accumulates:
+            self.write = self.read.clone()
+        else:
+            self.write = torch.empty_like(self.read)
+
+    def unchanged(self) -> None:
+        """The kernels did not run (an empty batch): the new values are the old ones."""
+        if self.updates and self.write is not self.read:
+            self.write.copy_(self.read)
+
+    def finish(self) -> Optional[torch.Tensor]:
+        """In place: write back when needed, return None. Else the ``new_<name>`` output, None
+        when the op does not update this argument."""
+        if not self.in_place:
+            return self.write
+        if self.updates and self.write is not self.read:
+            with torch.no_grad():
+                self.given.copy_(self.write.view(self.given.shape))
+        return None
+
+
+# Which of the tensors the op may update it updates, given the options: the launchers, the
+# custom op's fake kernel and its callers all read this one table.
+UPDATES = {
+    "running_mean": lambda o: o.training,
+    "running_var": lambda o: o.training,
+    "channel_batches": lambda o: o.training and o.cumulative,
+    "overflow_count": lambda o: True,       # accumulated in eval too
+    "overflow_max": lambda o: True,
+}
+assert set(UPDATES) == set(UPDATED)
+
+
+def _updated(a: ForwardArgs, o: Options, in_place: bool) -> dict:
+    # Renorm reads the running statistics of before this step in every program while the
+    # first program of each channel block writes the new ones: never the same memory.
+    separate = o.renorming
+    return {name: _Updated(getattr(a, name), UPDATES[name](o), in_place,
+                           accumulates=name.startswith("overflow"), separate=separate)
+            for name in UPDATED}
+
+
+# ------------------------------------------------------------------------ synchronized calls
+
+def _group(name: str):
+    return dist.distributed_c10d._resolve_process_group(name)
+
+
+def _gather_moments(local: torch.Tensor, name: str) -> torch.Tensor:
+    """(3, C) per process -> (3, world, C), in rank order."""
+    group = _group(name)
+    world = dist.get_world_size(group)
+    out = local.new_empty((world * local.shape[0], local.shape[1]))  # ranks stacked on dim 0
+    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    return out.view(world, *local.shape).transpose(0, 1).contiguous()
+
+
+def _sum_over_processes(local: torch.Tensor, name: str) -> torch.Tensor:
+    summed = local.clone()
+    dist.all_reduce(summed, group=_group(name))
+    return summed
 
 
 def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
@@ -245,78 +264,224 @@ def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
     q, k, c = part.shape
     out = torch.empty((q, c), dtype=part.dtype, device=part.device)
     block_c = 128  # (Q, K, C) is tiny: one pass of 128 channels per program, any K
-    _run(bn_merge_partials_kernel, (dispatch.cdiv(c, block_c),), (part, out, c, k),
+    _run(bn_merge_partials_kernel, (planner.cdiv(c, block_c),), (part, out, c, k),
          dict(MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_C=block_c, num_warps=4))
     return out
 
 
-def backward(dy, x, weight, bias, residual, save_mean, save_invstd, save_rd, training: bool,
-             need_sums: bool, epi: Epilogue = PLAIN, sync=None):
-    """Backward of y = act(BN(x) + residual). Returns (dx, grad_weight, grad_bias, grad_residual);
-    the parameter grads are float32/64; grad_residual is None without an activation (it is dy).
+# ---------------------------------------------------------------------------------- forward
 
-    ``sync`` (training only): a function from this batch's (2, C) sums (dz, dz * x_hat) to
-    (the sums over every process's batch, their element count per channel); dx then uses the
-    global sums while grad_weight / grad_bias stay this process's own, as in torch."""
+def forward(a: ForwardArgs, o: Options, in_place: bool = True) -> tuple:
+    """y = act(BN(x) + residual). Returns the op's outputs in FORWARD_OUTPUTS order:
+    (y, save_mean, save_invstd, save_rd, new_running_mean, new_running_var,
+    new_channel_batches, new_overflow_count, new_overflow_max). Statistics are float32 (float64
+    for float64 input); save_rd is renorm's (2, C) r and d, or empty. A ``new_`` output is the
+    tensor with the updated values, None in place or when the op does not update that argument."""
+    x = a.input
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    y = empty_output(x)
+    save_mean = torch.empty(c, dtype=acc, device=x.device)
+    save_invstd = torch.empty(c, dtype=acc, device=x.device)
+    save_rd = torch.empty((2, c) if o.renorming else (0,), dtype=acc, device=x.device)
+    upd = _updated(a, o, in_place)
+    saves = (save_mean, save_invstd, save_rd)
+    if x.numel() == 0 and o.group is None:
+        # torch leaves the running statistics alone on an empty batch; nothing to normalize.
+        for t in saves:
+            t.zero_()
+        for u in upd.values():
+            u.unchanged()
+    elif uses_reference(x):
+        warn_reference_path()
+        _reference_forward(a, o, y, saves, upd)
+    else:
+        _kernel_forward(a, o, y, saves, upd)
+    return (y, *saves, *(upd[name].finish() for name in UPDATED))
+
+
+def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd) -> None:
+    """The same steps in float64 torch: local moments, [exchange], normalize."""
+    x = a.input
+    part = None
+    if o.training:
+        part = reference.moments(x).to(saves[0].dtype).unsqueeze(1)   # (3, 1, C)
+        if o.group is not None:
+            part = _gather_moments(part[:, 0], o.group)
+    rm, rv = upd["running_mean"], upd["running_var"]
+    out = reference.forward_apply(a, o, part, rm.read, rv.read, upd["channel_batches"].read)
+    y.copy_(reference.fit(out.y, y.dtype, o.saturate))
+    for t, v in zip(saves, (out.mean, out.invstd, out.rd)):
+        if t.numel():
+            t.copy_(v)
+    for name, value in (("running_mean", out.new_mean), ("running_var", out.new_var),
+                        ("channel_batches", out.new_counts)):
+        u = upd[name]
+        if u.updates and value is not None:
+            u.write.copy_(reference.fit(value, u.write.dtype, o.saturate))
+        elif u.updates:
+            u.unchanged()
+    if a.overflow_count is not None:
+        count, biggest = reference.overflow(out.y, y.dtype)
+        upd["overflow_count"].write.add_(count)
+        w = upd["overflow_max"].write
+        w.copy_(torch.maximum(w, biggest.to(w.dtype)))
+
+
+def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd) -> None:
+    x, residual = a.input, a.residual
+    save_mean, save_invstd, save_rd = saves
     c = x.shape[1]
     acc = save_mean.dtype
-    dx = torch.empty_like(x, memory_format=output_memory_format(x))
-    write_dres = residual is not None and epi.act != 0
-    dres = torch.empty_like(residual, memory_format=output_memory_format(residual)) \
-        if write_dres else None
-    dw = torch.zeros(c, dtype=acc, device=x.device)
-    db = torch.zeros(c, dtype=acc, device=x.device)
-    if x.numel() == 0 and sync is None:
-        return dx, dw, db, dres
+    view, x, others = _view_or_copy(x, [y, residual])
+    assert others[0] is y, "outputs are allocated in a format that always has a plane view"
+    res = others[1]
+    has_res = res is not None
+    plan = _plan("fwd_train" if o.training else "fwd_eval", view, x,
+                 [x, y] + ([res] if has_res else []))
+    strides = (*view.strides[0], *view.strides[1], *_strides(view, 2, has_res))
+    rm, rv, cb = upd["running_mean"], upd["running_var"], upd["channel_batches"]
+    update = o.training and rm.read is not None
+    cumulative = 0 if not (o.training and o.cumulative) else (2 if cb.read is not None else 1)
+    warmup = o.renorming and o.warmup_steps > 0
+    rmax, dmax = o.renorm if o.renorming else (1.0, 0.0)
+    counting = a.overflow_count is not None
+    common = dict(ACC=_tl(acc), HAS_W=a.weight is not None, HAS_B=a.bias is not None,
+                  HAS_RES=has_res, ACT=o.act_code, RENORM=o.renorming, WARMUP=warmup,
+                  SKIP_NONFINITE=o.skip_nonfinite, CUMULATIVE=cumulative, SATURATE=o.saturate,
+                  COUNT_OVERFLOW=counting, plan=plan)
+    scalars = (float(o.momentum), float(o.eps), float(o.negative_slope), float(rmax),
+               float(dmax), int(o.warmup_steps))
+    batches = a.batches if (cumulative == 1 or warmup) else None
+    stats = (rm.read, rv.read, rm.write, rv.write, batches, cb.read, cb.write,
+             _contiguous(a.weight), _contiguous(a.bias), save_mean, save_invstd,
+             save_rd if o.renorming else None,
+             upd["overflow_count"].write, upd["overflow_max"].write)
+    c_blocks = planner.cdiv(c, plan.block_c)
 
-    outs = [dy, dx] + ([residual] if residual is not None else []) + ([dres] if write_dres else [])
-    view, x, others = _view_or_copy(x, outs)
-    dy = others[0]
-    assert others[1] is dx and (not write_dres or others[-1] is dres), \
+    if o.training and plan.variant == "onepass" and o.group is None:
+        _launch(bn_fwd_onepass_kernel, (c_blocks,), x, y, res, *stats, view.n, c, view.s,
+                *strides, *scalars, UPDATE_RUNNING=update, **common)
+        return
+    # An empty batch in a synchronized step still finalizes the shared statistics (so every
+    # process updates its running statistics alike): its grid has one program and no tiles.
+    n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+    part, part_splits = None, 0
+    if o.training:
+        part, part_splits = torch.empty((3, splits, c), dtype=acc, device=x.device), splits
+        _launch(bn_stats_partial_kernel, (c_blocks, splits), x, part, view.n, c, view.s,
+                *strides[:3], n_tiles_s, n_tiles, per_split, ACC=_tl(acc), plan=plan)
+        if o.group is not None:
+            part = _gather_moments(merge_partials(part, moments=True), o.group)
+            part_splits = part.shape[1]
+    _launch(bn_fwd_apply_kernel, (c_blocks, splits), x, y, res, part, *stats, view.n, c, view.s,
+            *strides, n_tiles_s, n_tiles, per_split, part_splits, *scalars,
+            TRAINING=o.training, UPDATE_RUNNING=update, **common)
+
+
+# --------------------------------------------------------------------------------- backward
+
+def backward(a: BackwardArgs, o: Options, param_grads: bool) -> tuple:
+    """Backward of y = act(BN(x) + residual): (grad_input, grad_weight, grad_bias,
+    grad_residual). Parameter gradients are in the statistics' dtype; grad_residual is empty
+    without an activation (it is grad_output itself). With ``Options.group`` grad_input uses the
+    sums over every process's batch; grad_weight / grad_bias stay this process's own, as in
+    torch (DistributedDataParallel averages them)."""
+    x, residual = a.input, a.residual
+    c = x.shape[1]
+    acc = a.save_mean.dtype
+    dx = empty_output(x)
+    write_dres = residual is not None and o.activation is not None
+    dres = empty_output(residual) if write_dres else x.new_empty((0,))
+    dw = torch.empty(c, dtype=acc, device=x.device)
+    db = torch.empty(c, dtype=acc, device=x.device)
+    if x.numel() == 0 and o.group is None:
+        dw.zero_()
+        db.zero_()
+    elif uses_reference(x):
+        warn_reference_path()
+        _reference_backward(a, o, dx, dw, db, dres if write_dres else None)
+    else:
+        _kernel_backward(a, o, param_grads, dx, dw, db, dres if write_dres else None)
+    return dx, dw, db, dres
+
+
+def _sums_over_processes(local: torch.Tensor, count: int, name: str):
+    """Local (2, C) sums -> (global sums / global count, as (2, C)): the means dx needs. The
+    element count rides along in the same all_reduce, so no host sync and no stash."""
+    with_count = torch.cat([local, local.new_full((1, local.shape[1]), float(count))])
+    summed = _sum_over_processes(with_count, name)
+    return summed[:2] / summed[2:].clamp(min=1.0)
+
+
+def _reference_backward(a: BackwardArgs, o: Options, dx, dw, db, dres) -> None:
+    sums = reference.backward_sums(a, o)                      # (2, C) float64: dz, dz * x_hat
+    count = a.input.numel() // max(a.input.shape[1], 1)
+    means = sums / max(count, 1)
+    if o.group is not None:
+        means = _sums_over_processes(sums.to(dw.dtype), count, o.group).double()
+    grad_x, grad_res = reference.backward_apply(a, o, means)
+    dx.copy_(reference.fit(grad_x, dx.dtype, o.saturate))
+    if dres is not None:
+        dres.copy_(reference.fit(grad_res, dres.dtype, o.saturate))
+    r, d = reference.renorm_factors(a)
+    dw.copy_(r * sums[1] + d * sums[0])
+    db.copy_(sums[0])
+
+
+def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db, dres) -> None:
+    x, residual, dy = a.input, a.residual, a.grad_output
+    c = x.shape[1]
+    acc = a.save_mean.dtype
+    write_dres = dres is not None
+    view, x, others = _view_or_copy(x, [dy, dx, residual, dres])
+    dy, res = others[0], others[2]
+    assert others[1] is dx and others[3] is dres, \
         "outputs are allocated in a format that always has a plane view"
-    res = others[2] if residual is not None else save_mean
-    need_sums = need_sums or training
-    renorm = save_rd.numel() > 0
-    w = weight.contiguous() if weight is not None else save_mean
-    b = bias.contiguous() if bias is not None else save_mean
-    rd = save_rd if renorm else save_mean
+    has_res = res is not None
+    need_sums = param_grads or o.training
+    renorm = a.save_rd.numel() > 0
     # Eval backward without parameter grads is one element-wise pass, planned like eval forward.
-    op = "bwd_train" if training else ("bwd_eval" if need_sums else "fwd_eval")
-    plan = _plan(op, view, x, [x, *others])
-    st = view.strides
-    s_x, s_dy, s_dx = st[0], st[1], st[2]
-    s_res = st[3] if residual is not None else _NO_STRIDES
-    s_dres = st[-1] if write_dres else _NO_STRIDES
-    common = dict(ACC=_tl(acc), HAS_W=weight is not None, HAS_B=bias is not None,
-                  HAS_RES=residual is not None, ACT=epi.act, RENORM=renorm, plan=plan)
-    c_blocks = dispatch.cdiv(c, plan.block_c)
-    dres_k = dres if write_dres else dx
+    op = "bwd_train" if o.training else ("bwd_eval" if need_sums else "fwd_eval")
+    plan = _plan(op, view, x, [t for t in (x, dy, dx, res, dres) if t is not None])
+    s_x, s_dy, s_dx = view.strides[0], view.strides[1], view.strides[2]
+    s_res, s_dres = _strides(view, 3, has_res), _strides(view, 4, write_dres)
+    params = (_contiguous(a.weight), _contiguous(a.bias), a.save_rd if renorm else None)
+    common = dict(ACC=_tl(acc), HAS_W=a.weight is not None, HAS_B=a.bias is not None,
+                  HAS_RES=has_res, ACT=o.act_code, RENORM=renorm, plan=plan)
+    c_blocks = planner.cdiv(c, plan.block_c)
+    slope = float(o.negative_slope)
 
-    if plan.variant == "onepass" and sync is None:
-        _launch(bn_bwd_onepass_kernel, (c_blocks,), x, dy, dx, res, dres_k, save_mean, save_invstd,
-                w, b, rd, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res, *s_dres,
-                float(epi.slope), TRAINING=training, WRITE_DRES=write_dres,
-                SATURATE=epi.saturate, **common)
-        return dx, dw, db, dres
+    if plan.variant == "onepass" and o.group is None:
+        _launch(bn_bwd_onepass_kernel, (c_blocks,), x, dy, dx, res, dres, a.save_mean,
+                a.save_invstd, *params, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res,
+                *s_dres, slope, TRAINING=o.training, WRITE_DRES=write_dres,
+                SATURATE=o.saturate, **common)
+        return
 
-    n_tiles_s, n_tiles, per_split, splits = dispatch.grid_tiles(plan, view.n, view.s)
-    part = save_mean
+    n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+    part, part_splits, total = None, 0, float(view.n * view.s)
     if need_sums:
         part = torch.empty((2, splits, c), dtype=acc, device=x.device)
-        _launch(bn_bwd_partial_kernel, (c_blocks, splits), x, dy, res, save_mean, save_invstd, w,
-                b, rd, part, view.n, c, view.s, *s_x, *s_dy, *s_res, n_tiles_s, n_tiles,
-                per_split, float(epi.slope), **common)
-    part_splits, total = (splits if need_sums else 0), float(view.n * view.s)
-    if sync is not None:
-        local = merge_partials(part, moments=False)
-        db, dw = local[0], local[1]
-        part, total = sync(local)
-        part, part_splits = part.reshape(2, 1, c), 1
+        _launch(bn_bwd_partial_kernel, (c_blocks, splits), x, dy, res, a.save_mean,
+                a.save_invstd, *params, part, view.n, c, view.s, *s_x, *s_dy, *s_res, n_tiles_s,
+                n_tiles, per_split, slope, **common)
+        part_splits = splits
+    write_sums = need_sums
+    if o.group is not None:
+        local = merge_partials(part, moments=False)           # this process's own sums
+        db.copy_(local[0])
+        r, d = (a.save_rd[0], a.save_rd[1]) if renorm else (1.0, 0.0)
+        dw.copy_(r * local[1] + d * local[0])
+        part = _sums_over_processes(local, view.n * view.s, o.group).reshape(2, 1, c)
+        part_splits, total, write_sums = 1, 1.0, False      # the kernel gets means
+    elif not need_sums:
+        dw.zero_()
+        db.zero_()
     if x.numel() == 0:
-        return dx, dw, db, dres
-    _launch(bn_bwd_apply_kernel, (c_blocks, splits), x, dy, dx, res, dres_k, save_mean,
-            save_invstd, w, b, rd, part, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res,
-            *s_dres, n_tiles_s, n_tiles, per_split, part_splits, total, float(epi.slope),
-            TRAINING=training, WRITE_SUMS=need_sums and sync is None, WRITE_DRES=write_dres,
-            SATURATE=epi.saturate, **common)
-    return dx, dw, db, dres
+        return
+    _launch(bn_bwd_apply_kernel, (c_blocks, splits), x, dy, dx, res, dres, a.save_mean,
+            a.save_invstd, *params, part, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res,
+            *s_dres, n_tiles_s, n_tiles, per_split, part_splits, total, slope,
+            TRAINING=o.training, WRITE_SUMS=write_sums, WRITE_DRES=write_dres,
+            SATURATE=o.saturate, **common)

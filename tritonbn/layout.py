@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PlaneView", "plane_view", "output_memory_format", "max_offset"]
+__all__ = ["PlaneView", "plane_view", "output_memory_format", "empty_output", "max_offset"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,12 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def empty_output(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialized tensor like x in the memory format torch's batch_norm gives its output
+    (and gradient) for x."""
+    return torch.empty_like(x, memory_format=output_memory_format(x))
 
 
 def max_offset(view: PlaneView) -> int:

@@ -1,29 +1,21 @@
-"""The float64 torch reference: one implementation shared by tests, benchmarks and profilers.
+"""Batch norm in float64 torch: the reference the kernels are tested against, and the backend
+the launchers use for CPU tensors when Triton runs no kernels there (tritonbn/_runtime.py).
 
-It is also the documented CPU path: a CPU tensor with the Triton interpreter off
-(TRITON_INTERPRET unset) is computed here, in float64, and cast back to the input dtype.
+``batch_norm_reference`` is the whole forward, keeping autograd history (for tests). ``moments``, ``forward_apply``, ``backward_sums`` and
+``backward_apply`` are the same computation cut at the launchers' steps, so a synchronized call
+exchanges the same per-channel summaries whichever backend runs.
 """
 from __future__ import annotations
 
-import math
+from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["batch_norm_reference", "batch_norm_reference_backward", "activation_reference",
-           "activation_grad_reference", "fit_reference"]
+from . import activations
+from .options import BackwardArgs, ForwardArgs, Options
 
-
-def activation_reference(z: torch.Tensor, name: str | None, slope: float = 0.01) -> torch.Tensor:
-    """torch's own activation for each name tritonbn fuses."""
-    if not name:
-        return z
-    return {
-        "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish,
-        "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "leaky_relu": lambda t: F.leaky_relu(t, slope),
-    }[name](z)
+__all__ = ["batch_norm_reference", "fit", "moments",
+           "forward_apply", "backward_sums", "backward_apply", "overflow"]
 
 
 def _channel_shape(x: torch.Tensor) -> list[int]:
@@ -34,131 +26,205 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
-def fit_reference(v: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
+def _per_channel(t: Optional[torch.Tensor], default: float, c: int, device) -> torch.Tensor:
+    if t is None:
+        return torch.full((c,), default, dtype=torch.float64, device=device)
+    return t.detach().double().reshape(-1)
+
+
+def fit(v: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
     """v (float64) cast to dtype; with ``saturate`` finite values that would become inf are
-    clamped to the dtype's largest finite value (NaN and inf stay)."""
+    clamped to the dtype's largest finite value (NaN and inf stay), as the kernels' stores do."""
     out = v.to(dtype)
-    if saturate:
+    if saturate and dtype.is_floating_point:
         lim = torch.finfo(dtype).max
         over = torch.isinf(out) & torch.isfinite(v)
         out = torch.where(over, torch.where(v > 0, lim, -lim).to(dtype), out)
     return out
 
 
-def batch_norm_reference(input, running_mean, running_var, weight=None, bias=None,
-                         training=False, momentum=0.1, eps=1e-5, *, residual=None,
-                         activation=None, slope=0.01, renorm=None, renorm_rd=None,
-                         skip_nonfinite=False, running_count=None, saturate=False):
-    """Batch norm in float64: y = act(BN(x) + residual). Returns (y, mean, invstd), float64;
-    y keeps autograd history.
+def overflow(y: torch.Tensor, dtype: torch.dtype):
+    """The kernels' fused counters: per channel, finite values whose cast to dtype is infinite,
+    and the largest |y| (NaN ignored)."""
+    dims = _reduce_dims(y)
+    over = torch.isinf(y.to(dtype)) & torch.isfinite(y)
+    return over.sum(dims), torch.nan_to_num(y.abs(), nan=0.0).amax(dims)
 
-    In training the running statistics are updated in place, torch's way: with the unbiased
-    batch variance and ``running = (1 - momentum) * running + momentum * batch``.
-    ``renorm=(rmax, dmax)``: Batch Renormalization, with r = sigma_B / sigma and
-    d = (mean_B - running_mean) / sigma for sigma = sqrt(running_var + eps) taken before the
-    update, clipped and treated as constants; ``renorm_rd`` supplies (r, d) instead.
-    """
-    x = input.double()
-    shape = _channel_shape(x)
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
-    r = d = None
-    if training:
-        if count == 0:
-            mean = x.new_zeros(x.shape[1])
-            var = x.new_zeros(x.shape[1])
-        else:
-            mean = x.mean(_reduce_dims(x))
-            var = x.var(_reduce_dims(x), unbiased=False)
-        if renorm_rd is not None:
-            r, d = (t.double().reshape(-1) for t in renorm_rd)
-        elif renorm is not None:
-            rmax, dmax = renorm
-            sigma = torch.sqrt(running_var.detach().double().reshape(-1) + eps)
-            r = (torch.sqrt(var.detach() + eps) / sigma).clamp(1.0 / rmax, rmax)
-            d = ((mean.detach() - running_mean.detach().double().reshape(-1)) / sigma).clamp(-dmax, dmax)
-        if running_mean is not None and count > 0:
-            with torch.no_grad():
-                unbiased = var.detach() * count / max(count - 1, 1)
-                old_mean = running_mean.double().reshape(-1)
-                old_var = running_var.double().reshape(-1)
-                w = momentum if running_count is None else 1.0 / (running_count.double() + 1)
-                new_mean = (1 - w) * old_mean + w * mean.detach()
-                new_var = (1 - w) * old_var + w * unbiased
-                ok = torch.ones_like(new_mean, dtype=torch.bool)
-                if skip_nonfinite:
-                    ok = torch.isfinite(mean.detach()) & torch.isfinite(unbiased)
-                    new_mean, new_var = torch.where(ok, new_mean, old_mean), torch.where(ok, new_var, old_var)
-                if running_count is not None:
-                    running_count.add_(ok.to(running_count.dtype))
-                running_mean.copy_(fit_reference(new_mean, running_mean.dtype, saturate).view_as(running_mean))
-                running_var.copy_(fit_reference(new_var, running_var.dtype, saturate).view_as(running_var))
+
+def moments(x: torch.Tensor) -> torch.Tensor:
+    """(3, C) float64: count, mean and M2 (sum of squared deviations) per channel."""
+    x = x.double()
+    c = x.shape[1]
+    count = x.numel() // c if c else 0
+    if count == 0:
+        return x.new_zeros((3, c))
+    mean = x.mean(_reduce_dims(x))
+    m2 = ((x - mean.view(_channel_shape(x))) ** 2).sum(_reduce_dims(x))
+    return torch.stack([mean.new_full((c,), float(count)), mean, m2])
+
+
+def merge(part: torch.Tensor):
+    """(3, K, C) partial moments -> count, mean, M2 per channel, merged in order (Chan)."""
+    part = part.double()
+    n, mean, m2 = part[0, 0], part[1, 0], part[2, 0]
+    for k in range(1, part.shape[1]):
+        nb, mb, qb = part[0, k], part[1, k], part[2, k]
+        total = n + nb
+        w = torch.where(total > 0, nb / total.clamp(min=1.0), torch.zeros_like(nb))
+        delta = mb - mean
+        mean, m2, n = mean + delta * w, m2 + qb + delta * delta * n * w, total
+    return n, mean, m2
+
+
+def _running_weight(a: ForwardArgs, o: Options, counts: Optional[torch.Tensor], c: int, device):
+    if not o.cumulative:
+        return torch.full((c,), float(o.momentum), dtype=torch.float64, device=device)
+    seen = counts if counts is not None else a.batches
+    return 1.0 / (seen.double().reshape(-1).expand(c) + 1.0)
+
+
+class ForwardResult(NamedTuple):
+    y: torch.Tensor                     # float64 act(z)
+    mean: torch.Tensor                  # float64 (C,)
+    invstd: torch.Tensor
+    rd: torch.Tensor                    # (2, C) renorm r, d, or (0,)
+    new_mean: Optional[torch.Tensor]    # float64 running statistics after the step
+    new_var: Optional[torch.Tensor]
+    new_counts: Optional[torch.Tensor]  # per-channel batch counts after the step
+
+
+def forward_apply(a: ForwardArgs, o: Options, part: Optional[torch.Tensor],
+                  running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                  channel_batches: Optional[torch.Tensor]) -> ForwardResult:
+    """Normalize with the merged partial moments (training) or the running statistics (eval),
+    and compute what the step does to the running statistics, as the kernels do."""
+    x = a.input.double()
+    c, device = x.shape[1], x.device
+    new_mean = new_var = new_counts = None
+    rd = x.new_zeros((0,))
+    if o.training:
+        count, mean, m2 = merge(part)
+        var = m2 / count.clamp(min=1.0)
+        invstd = torch.rsqrt(var + o.eps)
+        r = d = None
+        if o.renorming:
+            rmax, dmax = o.renorm
+            warm = o.warmup_steps > 0 and int(a.batches) < o.warmup_steps
+            rmax, dmax = (1.0, 0.0) if warm else (rmax, dmax)
+            sigma = torch.sqrt(running_var.double() + o.eps)
+            r = (torch.sqrt(var.detach() + o.eps) / sigma).clamp(1.0 / rmax, rmax)
+            d = ((mean.detach() - running_mean.double()) / sigma).clamp(-dmax, dmax)
+            rd = torch.stack([r, d])
+        if running_mean is not None:
+            old_mean, old_var = running_mean.double(), running_var.double()
+            weight = _running_weight(a, o, channel_batches, c, device)
+            unbiased = m2 / (count - 1).clamp(min=1.0)
+            new_mean = (1 - weight) * old_mean + weight * mean.detach()
+            new_var = (1 - weight) * old_var + weight * unbiased.detach()
+            ok = torch.ones(c, dtype=torch.bool, device=device)
+            if o.skip_nonfinite:
+                ok = torch.isfinite(mean) & torch.isfinite(unbiased)
+                new_mean = torch.where(ok, new_mean, old_mean)
+                new_var = torch.where(ok, new_var, old_var)
+            if o.cumulative and channel_batches is not None:
+                new_counts = channel_batches + ok.to(channel_batches.dtype)
     else:
-        mean = running_mean.detach().double().reshape(-1)
-        var = running_var.detach().double().reshape(-1)
-    invstd = torch.rsqrt(var + eps)
-    y = (x - mean.view(shape)) * invstd.view(shape)
+        mean = running_mean.double()
+        invstd = torch.rsqrt(running_var.double() + o.eps)
+        r = d = None
+    z = _preactivation(x, mean, invstd, a.weight, a.bias, r, d, a.residual)
+    y = activations.apply(z, o.activation, o.negative_slope)
+    return ForwardResult(y, mean, invstd, rd, new_mean, new_var, new_counts)
+
+
+def _preactivation(x, mean, invstd, weight, bias, r, d, residual):
+    shape = _channel_shape(x)
+    z = (x - mean.view(shape)) * invstd.view(shape)
     if r is not None:
-        y = y * r.view(shape) + d.view(shape)
+        z = z * r.view(shape) + d.view(shape)
     if weight is not None:
-        y = y * weight.double().reshape(shape)
+        z = z * weight.double().reshape(shape)
     if bias is not None:
-        y = y + bias.double().reshape(shape)
-    if residual is not None:
-        y = y + residual.double()
-    return activation_reference(y, activation, slope), mean, invstd
-
-
-def activation_grad_reference(z: torch.Tensor, name: str | None, slope: float = 0.01) -> torch.Tensor:
-    """d act / dz in closed form (torch's conventions at the kinks)."""
-    if not name:
-        return torch.ones_like(z)
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "relu6":
-        return ((z > 0) & (z < 6)).to(z.dtype)
-    if name == "leaky_relu":
-        return torch.where(z > 0, 1.0, slope).to(z.dtype)
-    if name == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if name == "gelu":
-        return 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    if name == "gelu_tanh":
-        k = math.sqrt(2 / math.pi)
-        t = torch.tanh(k * (z + 0.044715 * z ** 3))
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * 0.044715 * z * z)
-    if name == "hardswish":
-        return torch.where(z < -3, 0.0, torch.where(z > 3, 1.0, z / 3 + 0.5)).to(z.dtype)
-    if name == "sigmoid":
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    if name == "tanh":
-        return 1 - torch.tanh(z) ** 2
-    raise ValueError(f"unknown activation {name!r}")
-
-
-def batch_norm_reference_backward(grad_out, input, weight, bias, mean, invstd, training, *,
-                                  residual=None, activation=None, slope=0.01, renorm_rd=None):
-    """(grad_input, grad_weight, grad_bias, grad_residual) in float64 from the saved statistics,
-    in closed form (it runs inside a custom op, where autograd is off). grad_residual is None
-    without a residual."""
-    x, dy = input.double(), grad_out.double()
-    shape, dims = _channel_shape(x), _reduce_dims(x)
-    count = max(x.numel() // x.shape[1], 1) if x.shape[1] else 1
-    ones = torch.ones(x.shape[1], dtype=torch.float64, device=x.device)
-    w = weight.double().reshape(-1) if weight is not None else ones
-    b = bias.double().reshape(-1) if bias is not None else ones * 0
-    r, d = ((t.double().reshape(-1) for t in renorm_rd) if renorm_rd is not None else (ones, ones * 0))
-    invstd = invstd.double()
-    xhat = (x - mean.double().view(shape)) * invstd.view(shape)
-    z = (w * r).view(shape) * xhat + (b + w * d).view(shape)
+        z = z + bias.double().reshape(shape)
     if residual is not None:
         z = z + residual.double()
-    dz = dy * activation_grad_reference(z, activation, slope)
-    sum_dz, sum_dz_xhat = dz.sum(dims), (dz * xhat).sum(dims)
-    k = (w * r * invstd).view(shape)
-    if training:
-        dx = k * (dz - (sum_dz / count).view(shape) - xhat * (sum_dz_xhat / count).view(shape))
+    return z
+
+
+def renorm_factors(a: BackwardArgs):
+    """Renorm's saved (r, d) in float64, or (1, 0)."""
+    if a.save_rd.numel():
+        return a.save_rd[0].double(), a.save_rd[1].double()
+    return 1.0, 0.0
+
+
+def _backward_terms(a: BackwardArgs, o: Options):
+    """(x_hat, dz, gamma * r * invstd) of the backward, float64."""
+    x, dy = a.input.double(), a.grad_output.double()
+    c = x.shape[1]
+    shape = _channel_shape(x)
+    w = _per_channel(a.weight, 1.0, c, x.device)
+    b = _per_channel(a.bias, 0.0, c, x.device)
+    r, d = renorm_factors(a)
+    invstd = a.save_invstd.double()
+    xhat = (x - a.save_mean.double().view(shape)) * invstd.view(shape)
+    if o.activation is None:
+        dz = dy
+    else:
+        z = (w * r).view(shape) * xhat + (b + w * d).view(shape)
+        if a.residual is not None:
+            z = z + a.residual.double()
+        dz = dy * activations.derivative(z, o.activation, o.negative_slope)
+    return xhat, dz, (w * r * invstd).view(shape)
+
+
+def backward_sums(a: BackwardArgs, o: Options) -> torch.Tensor:
+    """(2, C) float64: sum(dz) and sum(dz * x_hat) per channel."""
+    xhat, dz, _ = _backward_terms(a, o)
+    dims = _reduce_dims(xhat)
+    return torch.stack([dz.sum(dims), (dz * xhat).sum(dims)])
+
+
+def backward_apply(a: BackwardArgs, o: Options, means: torch.Tensor):
+    """(grad_input, grad_residual) in float64 from the per-channel means of dz and dz * x_hat
+    (over every process's batch when synchronized); grad_residual is dz."""
+    xhat, dz, k = _backward_terms(a, o)
+    shape = _channel_shape(xhat)
+    if o.training:
+        dx = k * (dz - means[0].view(shape) - xhat * means[1].view(shape))
     else:
         dx = k * dz
-    return dx, r * sum_dz_xhat + d * sum_dz, sum_dz, dz if residual is not None else None
+    return dx, dz
+
+
+# ---------------------------------------------------------------- the whole op, for tests
+
+def batch_norm_reference(input, running_mean, running_var, weight=None, bias=None,
+                         training=False, momentum=0.1, eps=1e-5, *, residual=None,
+                         activation=None, slope=0.01, renorm=None, skip_nonfinite=False,
+                         running_count=None, saturate=False):
+    """Batch norm in float64: y = act(BN(x) + residual). Returns (y, mean, invstd), float64;
+    y keeps autograd history (renorm's r and d are constants, as in the kernels).
+
+    In training the running statistics are updated in place, torch's way: with the unbiased
+    batch variance and ``running = (1 - momentum) * running + momentum * batch``
+    (``running_count``: per-channel weights 1 / (count + 1), incremented). ``renorm=(rmax,
+    dmax)``: Batch Renormalization against the running statistics of before the update.
+    """
+    o = Options(training=training, momentum=momentum, eps=eps, activation=activation,
+                negative_slope=slope, renorm=renorm, saturate=saturate,
+                skip_nonfinite=skip_nonfinite, cumulative=running_count is not None)
+    a = ForwardArgs(input, weight, bias, residual, running_mean, running_var,
+                    channel_batches=running_count)
+    flat = [None if t is None else t.detach().reshape(-1) for t in (running_mean, running_var)]
+    part = moments(input).unsqueeze(1) if training else None
+    out = forward_apply(a, o, part, *flat, running_count)
+    empty = input.numel() == 0
+    if out.new_mean is not None and not empty:
+        with torch.no_grad():
+            running_mean.copy_(fit(out.new_mean, running_mean.dtype, saturate)
+                               .view_as(running_mean))
+            running_var.copy_(fit(out.new_var, running_var.dtype, saturate).view_as(running_var))
+            if out.new_counts is not None:
+                running_count.copy_(out.new_counts)
+    return out.y, out.mean, out.invstd

@@ -41,6 +41,9 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from .options import OPS
+
+
 __all__ = ["FORMAT", "VERSION", "ENV", "TuningTableWarning", "TableError", "Table", "Hit",
            "cache_dir", "check_target",
            "default_path", "active_path", "bucket", "layout_key", "entry_key", "load",
@@ -59,7 +62,6 @@ SMOKE_TABLE_NAME = "tuning-smoke.json"
 # guess than a plan measured for another shape.
 MAX_BUCKET_DISTANCE = 2
 
-OPS = ("fwd_train", "fwd_eval", "bwd_train", "bwd_eval")
 DTYPES_BY_SIZE = {2: ("float16", "bfloat16"), 4: ("float32",), 8: ("float64",)}
 PLAN_FIELDS = ("variant", "block_n", "block_s", "block_c", "splits", "num_warps")
 

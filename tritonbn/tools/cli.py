@@ -1,0 +1,194 @@
+"""Command line: ``tritonbn demo`` (check against torch on this machine), ``tritonbn info``
+(which plan a shape gets and why), ``tritonbn check-compile`` (compile every plan for real
+GPUs and gate on what the compiler reports), ``tritonbn tune`` (sweep plans, write the tuning
+table) and ``tritonbn bench`` (compare with torch and other peers). Also ``python -m tritonbn``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+import torch
+
+from .shapes import DTYPES, LAYOUTS, in_layout, parse_shape
+
+
+def _ensure_kernels_can_run(argv: list[str]) -> None:
+    """Without a GPU the kernels need Triton's interpreter, which must be on before triton is
+    imported: re-run this command with TRITON_INTERPRET=1."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    sys.stdout.flush()
+    if os.path.basename(sys.argv[0]) == "__main__.py":
+        os.execve(sys.executable, [sys.executable, "-m", "tritonbn", *argv], env)
+    # The console script: re-run the script itself, not `-m`, which would put the current
+    # directory first on sys.path and pick up a source checkout over the installed package.
+    os.execve(sys.executable, [sys.executable, sys.argv[0], *argv], env)
+
+
+def _make(shape, dtype, layout, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def demo(args) -> int:
+    import tritonbn
+    from tritonbn import plan as planner
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = (torch.cuda.get_device_name() if device == "cuda"
+             else "CPU, Triton interpreter (TRITON_INTERPRET=1)")
+    print(f"tritonbn {tritonbn.__version__} | torch {torch.__version__} | "
+          f"triton {__import__('triton').__version__} | running on {where}")
+    shapes = [((8, 16, 12, 12), "contiguous"), ((8, 16, 12, 12), "channels_last"),
+              ((64, 48), "contiguous"), ((2, 4, 3, 8, 8), "channels_last"),
+              ((16, 8, 32, 32), "contiguous")]  # the last one is too big for one tile: split kernels
+    worst = 0.0
+    for i, (shape, layout) in enumerate(shapes):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            x = _make(shape, dtype, layout, device, i).requires_grad_()
+            c = shape[1]
+            w = torch.linspace(0.5, 1.5, c, device=device, requires_grad=True)
+            b = torch.linspace(-0.5, 0.5, c, device=device, requires_grad=True)
+            rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+            with tritonbn.count_launches() as launches:
+                y = tritonbn.batch_norm(x, rm, rv, w, b, training=True)
+                grad = _make(shape, dtype, "contiguous", device, 100 + i)
+                y.backward(grad)
+                y_eval = tritonbn.batch_norm(x.detach(), rm, rv, w.detach(), b.detach())
+            # torch on float64 copies is the yardstick
+            x64 = x.detach().double().requires_grad_()
+            w64, b64 = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+            rm64, rv64 = torch.zeros(c, device=device, dtype=torch.float64), torch.ones(
+                c, device=device, dtype=torch.float64)
+            y64 = torch.nn.functional.batch_norm(x64, rm64, rv64, w64, b64, training=True)
+            y64.backward(grad.double())
+            y64_eval = torch.nn.functional.batch_norm(x64.detach(), rm64, rv64, w64.detach(),
+                                                      b64.detach())
+            scale = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}[dtype]
+            errs = {
+                "y": (y.double() - y64).abs().max().item() / max(1.0, y64.abs().max().item()),
+                "eval": (y_eval.double() - y64_eval).abs().max().item()
+                / max(1.0, y64_eval.abs().max().item()),
+                "dx": (x.grad.double() - x64.grad).abs().max().item()
+                / max(1e-3, x64.grad.abs().max().item()),
+                "running_var": (rv.double() - rv64).abs().max().item(),
+            }
+            rel = max(errs.values()) / scale
+            worst = max(worst, rel)
+            kernels = ", ".join(f"{k.replace('bn_', '').replace('_kernel', '')} x{v}"
+                                for k, v in sorted(launches.items()))
+            print(f"  {str(tuple(shape)):18} {layout:13} {str(dtype)[6:]:8} "
+                  f"max err / dtype tolerance = {rel:5.2f}   kernels: {kernels}")
+            if not launches:
+                print("  no Triton kernel ran: this is a bug")
+                return 1
+    mode = planner.device_info(torch.device(device)).name
+    # within 10x the dtype's tolerance on every case (seen: below 1x)
+    if worst <= 10:
+        print(f"OK: tritonbn matches torch (float64) on every case; plans chosen for {mode}.")
+        return 0
+    print(f"MISMATCH: worst case is {worst:.1f}x the dtype's tolerance; plans chosen for {mode}.")
+    return 1
+
+
+def _table_line(device) -> str:
+    """Which tuning table the dispatcher reads and what it holds for this device."""
+    from tritonbn import tuning_table
+
+    path = tuning_table.active_path()
+    if path is None:
+        return f"tuning table: off (${tuning_table.ENV}=off): heuristic plans"
+    table = tuning_table.dispatch_table()
+    if table.problem:
+        return f"tuning table: {path} ignored ({table.problem}): heuristic plans"
+    if not table.entries:
+        return f"tuning table: none at {path}: heuristic plans (run `tritonbn tune`)"
+    mine = table.for_gpu(device.name, tuning_table.triton_version())
+    return (f"tuning table: {path}: {len(mine)} entries for {device.name} with triton "
+            f"{tuning_table.triton_version()} ({len(table.entries)} in all)")
+
+
+def info(args, parser) -> int:
+    from tritonbn import launch, plan as planner
+    from tritonbn._runtime import interpreter_enabled
+
+    try:
+        shape = parse_shape(args.shape)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.layout == "channels_last" and len(shape) not in (4, 5):
+        parser.error(f"--layout channels_last needs a 4-D or 5-D shape, got {len(shape)}-D "
+                     f"{args.shape!r} (torch has no channels-last format for other ranks)")
+    dtype = {**DTYPES, "float64": torch.float64}[args.dtype]
+    x = in_layout(torch.empty(shape, dtype=dtype, device="meta"), args.layout)
+    where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = planner.device_info(where)
+    print(f"device: {device.name} ({device.sm_count} SMs)")
+    if not torch.cuda.is_available() and not interpreter_enabled():
+        print("note: no GPU and the Triton interpreter is off: calls on CPU tensors take the "
+              "float64 reference path and launch no kernel; the plans below are what the "
+              "interpreter would run")
+    print(_table_line(device))
+    for i, op in enumerate(planner.OPS if args.op == "all" else [args.op]):
+        # exactly what the launchers plan (a meta tensor's data_ptr is 0: an aligned pointer)
+        view, p, aligned = launch.plan_for(op, x, device=where)
+        if i == 0:
+            print(f"input {shape} {args.dtype} {args.layout} -> plane view N={view.n} "
+                  f"C={view.c} S={view.s} strides={view.strides[0]} "
+                  f"channels_minor={view.channels_minor} aligned={aligned}")
+        grid = ""
+        if p.variant == "split":
+            _, n_tiles, per_split, splits = planner.grid_tiles(p, view.n, view.s)
+            grid = f" grid={-(-view.c // p.block_c)}x{splits} tiles/program={per_split}"
+        print(f"  {op:10} {p.variant:8} block(n,s,c)=({p.block_n},{p.block_s},{p.block_c}) "
+              f"warps={p.num_warps} int64={p.use_int64}{grid}\n             why: {p.reason}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="tritonbn", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="check tritonbn against torch on this machine and show what ran")
+    p_info = sub.add_parser("info", help="show the plan a shape gets and why")
+    p_info.add_argument("--shape", required=True, help="comma-separated, e.g. 256,64,112,112")
+    p_info.add_argument("--dtype", default="float16", choices=sorted(DTYPES) + ["float64"])
+    p_info.add_argument("--layout", default="contiguous", choices=LAYOUTS)
+    p_info.add_argument("--op", default="all", choices=["all", "fwd_train", "fwd_eval",
+                                                         "bwd_train", "bwd_eval"])
+    # Commands with parsers of their own: (module, needs the kernels to run, help).
+    delegated = {
+        "check-compile": ("compile_check", False,
+                          "compile every kernel plan for sm_90a / sm_80 and report registers, "
+                          "spills, occupancy and access widths"),
+        "overflow": ("overflow_profile", True,
+                     "profile batch norm near float16's limit against torch and a naive "
+                     "half-precision implementation"),
+        "tune": ("tune", True, "sweep kernel plans for shapes on this GPU and write the tuning "
+                               "table the dispatcher reads"),
+        "bench": ("bench", True, "benchmark against torch eager, torch.compile and other "
+                                     "installed implementations; write results under "
+                                     "bench/results"),
+    }
+    for name, (_module, _kernels, text) in delegated.items():
+        sub.add_parser(name, add_help=False, help=f"{text} (see --help)")
+    if argv[:1] and argv[0] in delegated:
+        module, kernels, _text = delegated[argv[0]]
+        if kernels:
+            _ensure_kernels_can_run(argv)
+        return importlib.import_module(f".{module}", __package__).main(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        _ensure_kernels_can_run(argv)
+        return demo(args)
+    return info(args, p_info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,536 @@
+"""Compile every kernel plan for real GPUs without one, and read what the compiler reports.
+
+The interpreter proves numbers, not GPU code. This check runs the launchers on meta tensors
+for a grid of shapes x dtypes x layouts x ops with the dispatcher planning for an H100 (sm_90a)
+or an A100 (sm_80), captures the launches they would make, specializes each exactly as a real
+launch would (Triton's own specialization of every argument: ints equal to 1 become constants,
+multiples of 16 and 16-byte-aligned pointers get divisibility hints), compiles each distinct
+specialization with ``triton.compile`` for that target, and reads the cubin with the
+``cuobjdump`` / ``nvdisasm`` that ship in the triton wheel: registers, stack, local memory
+(spills), shared memory, occupancy per SM, and the widths of global loads and stores in SASS.
+
+Plans from the tuning table (``tritonbn tune``) for GPUs of a target's architecture are compiled
+as well, on the shapes they were tuned for (``tuned_problems``).
+
+A plan fails when it does not compile, spills to local memory, needs more shared memory than
+the target has, or -- for float16/bfloat16 activations whose addresses allow it -- moves
+activations with global accesses narrower than 8 bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import inspect
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import launch, plan as planner
+from ..options import BackwardArgs, ForwardArgs, Options
+from ..plan import DeviceInfo
+from .shapes import BENCH_SHAPES, DTYPES, in_layout
+
+__all__ = ["TARGETS", "Problem", "problems", "tuned_problems", "capture", "specialize",
+           "compile_and_inspect", "run_check", "main"]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    arch: int                 # compute capability as an integer: 90, 80
+    device: DeviceInfo        # what the dispatcher plans for
+    max_regs_per_sm: int = 65536
+    max_threads_per_sm: int = 2048
+    max_blocks_per_sm: int = 32
+    max_warps_per_sm: int = 64
+    shared_per_sm: int = 228 * 1024
+    shared_per_block: int = 227 * 1024
+
+
+TARGETS = {
+    "sm90": Target("sm_90a (H100/H200)", 90,
+                   DeviceInfo("NVIDIA H100 (planned)", 132, (9, 0), False)),
+    "sm80": Target("sm_80 (A100)", 80, DeviceInfo("NVIDIA A100 (planned)", 108, (8, 0), False),
+                   shared_per_sm=164 * 1024, shared_per_block=163 * 1024),
+}
+
+# The planner's ops, and the eval backward without parameter gradients (one element-wise pass).
+OPS = planner.OPS + ("bwd_eval_dx",)
+
+
+# What is fused around the normalization: the kernels specialize on it.
+EPILOGUES = {
+    "plain": Options(),
+    "silu+res": Options(activation="silu"),                   # residual add, then SiLU
+    "gelu+renorm": Options(activation="gelu", renorm=(3.0, 5.0)),
+    # overflow guards: saturating stores, fused counters (atomics), skipped non-finite channels
+    # counted per channel (momentum=None)
+    "guards": Options(saturate=True, skip_nonfinite=True, cumulative=True),
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str               # "contiguous" or "channels_last"
+    epilogue: str = "plain"   # a key of EPILOGUES
+
+    @property
+    def name(self) -> str:
+        fused = "" if self.epilogue == "plain" else f" {self.epilogue}"
+        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout}{fused}"
+
+
+# The CI subset: one shape per dispatcher regime (NCHW large plane, NCHW 7x7, channels-last
+# via 4-D and 5-D, 1-D rows, few channels with large images, pooled features: one-pass).
+CI_SHAPES = [(256, 64, 112, 112), (256, 2048, 7, 7), (4096, 1024), (16, 32, 256, 256),
+             (256, 1024, 1, 1),
+             (8, 64, 16, 56, 56)]
+# The shapes the project benchmarks (shapes.BENCH_SHAPES) and a sweep that reaches every branch of the dispatcher: every channel block width,
+# one-pass and split, unaligned channel counts and spatial sizes, tiny and huge planes.
+SWEEP_SHAPES = [(n, c, s, s) for n in (1, 256) for c in (1, 3, 8, 32, 70, 2048)
+                for s in (1, 7, 112)]
+
+
+def problems(subset: str = "full") -> list[Problem]:
+    """The (op, shape, dtype, layout) grid; "ci" is CI_SHAPES in half precision only; "tuned"
+    is none of them (only the tuning table's plans, added by collect_specs)."""
+    if subset == "tuned":
+        return []
+    shapes = CI_SHAPES if subset == "ci" else BENCH_SHAPES + SWEEP_SHAPES
+    dtypes = ["float16", "bfloat16"] if subset == "ci" else list(DTYPES)
+    out = []
+    for shape in shapes:
+        layouts = ["contiguous"] + (["channels_last"] if len(shape) in (4, 5) else [])
+        for layout in layouts:
+            for dtype in dtypes:
+                for op in OPS:
+                    out.append(Problem(op, shape, dtype, layout))
+                # fused epilogues change the kernels' loads and registers: check them too
+                # (in CI for one half dtype; in full for every dtype, renorm included)
+                if subset == "full" or dtype == "float16":
+                    for op in ("fwd_train", "bwd_train"):
+                        out.append(Problem(op, shape, dtype, layout, "silu+res"))
+                        out.append(Problem(op, shape, dtype, layout, "guards"))
+                        if subset == "full":
+                            out.append(Problem(op, shape, dtype, layout, "gelu+renorm"))
+    return out
+
+
+def _meta(shape, dtype, layout, aligned=True):
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+    if not aligned:  # the same strides one element into a buffer: a pointer off 16-byte alignment
+        buf = torch.empty(x.numel() + 1, dtype=dtype, device="meta")
+        x = buf.as_strided(x.shape, x.stride(), 1)
+    return x
+
+
+def capture(problem: Problem, target: Target, aligned: bool = True) -> list[tuple]:
+    """The launches a real call would make for this problem on this target, on meta tensors
+    (whose data_ptr is their storage offset: ``aligned=False`` shifts the input by one element)."""
+    dtype = DTYPES[problem.dtype]
+    x = _meta(problem.shape, dtype, problem.layout, aligned)
+    c = problem.shape[1]
+    p32 = lambda: torch.empty(c, device="meta")  # noqa: E731 - float32 parameters (the AMP case)
+    training = problem.op in ("fwd_train", "bwd_train")
+    o = dataclasses.replace(EPILOGUES[problem.epilogue], training=training)
+    res = _meta(problem.shape, dtype, problem.layout) if o.activation else None
+    with planner.planning_for(target.device), launch.capture_launches() as launches:
+        if problem.op.startswith("fwd"):
+            guarded = problem.epilogue == "guards"
+            counts = lambda: torch.empty(c, dtype=torch.int64, device="meta")  # noqa: E731
+            launch.forward(ForwardArgs(x, p32(), p32(), res, p32(), p32(), None,
+                                       counts() if guarded else None,
+                                       counts() if guarded else None,
+                                       p32() if guarded else None), o)
+        else:
+            stats = torch.empty(c, device="meta")
+            rd = torch.empty((2, c) if o.renorming else (0,), device="meta")
+            dy = _meta(problem.shape, dtype, problem.layout, aligned)
+            launch.backward(BackwardArgs(dy, x, p32(), p32(), res, stats, stats, rd), o,
+                            problem.op != "bwd_eval_dx")
+    return launches
+
+
+def _arg_spec(value):
+    """Triton's own specialization of one runtime argument: (type, hint)."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    return native_specialize_impl(BaseBackend, value, False, True, True)
+
+
+@dataclass(frozen=True)
+class Spec:
+    kernel: str
+    signature: tuple[tuple[str, str], ...]       # (arg, type or "constexpr")
+    constexprs: tuple[tuple[str, object], ...]
+    divisible: tuple[str, ...]                   # args with a divisibility-by-16 hint
+    num_warps: int
+
+    def constexpr(self, name):
+        return dict(self.constexprs).get(name)
+
+
+def _kernel_params(kernel) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) of each kernel argument; works for jitted and interpreted kernels."""
+    import triton.language as tl
+    return [(p.name, p.annotation is tl.constexpr)
+            for p in inspect.signature(kernel.fn).parameters.values()]
+
+
+def specialize(kernel, args, kwargs) -> Spec:
+    params = _kernel_params(kernel)
+    values = dict(zip([n for n, _ in params], args))
+    kwargs = dict(kwargs)
+    num_warps = kwargs.pop("num_warps", 4)
+    values.update(kwargs)
+    signature, constexprs, divisible = [], [], []
+    for name, is_constexpr in params:
+        v = values[name]
+        if is_constexpr:
+            signature.append((name, "constexpr"))
+            constexprs.append((name, v))
+            continue
+        ty, hint = _arg_spec(v)
+        if ty == "constexpr":          # an int equal to 1: a real launch makes it a constant
+            signature.append((name, "constexpr"))
+            constexprs.append((name, hint))
+            continue
+        signature.append((name, ty))
+        if hint == "D":
+            divisible.append(name)
+    return Spec(kernel.fn.__name__, tuple(signature), tuple(constexprs), tuple(divisible),
+                num_warps)
+
+
+def _kernel_by_name(name):
+    from .. import kernels
+    return getattr(kernels, name)
+
+
+def _tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16, "256": 32}
+
+
+def _access_widths(sass: str) -> tuple[dict, dict]:
+    """Histogram {bytes: count} of global loads and of global stores in SASS."""
+    loads, stores = {}, {}
+    for op, mods in re.findall(r"\b(LDG|STG)((?:\.[A-Z0-9_]+)*)", sass):
+        width = 4
+        for m in mods.split(".")[1:]:
+            width = _WIDTH.get(m, width)
+        hist = loads if op == "LDG" else stores
+        hist[width] = hist.get(width, 0) + 1
+    return loads, stores
+
+
+def _occupancy(regs: int, shared: int, num_warps: int, t: Target) -> tuple[int, float]:
+    """Resident programs per SM and the fraction of the SM's warp slots they fill."""
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256        # allocated per warp, 256 at a time
+    by_regs = (t.max_regs_per_sm // regs_per_warp) // num_warps
+    by_threads = t.max_threads_per_sm // (num_warps * 32)
+    by_shared = t.shared_per_sm // (shared + 1024) if shared else t.max_blocks_per_sm
+    blocks = max(0, min(by_regs, by_threads, by_shared, t.max_blocks_per_sm))
+    return blocks, blocks * num_warps / t.max_warps_per_sm
+
+
+def _vector_capable(spec: Spec) -> bool:
+    """Whether every activation's address pattern allows 8-byte accesses for half values.
+
+    The tile's contiguous axis is the one whose stride a real launch specializes to 1; its block
+    must hold at least 4 elements, and the other strides (and the pointer) must carry the
+    divisibility-by-16 hint, or the compiler cannot prove alignment. And the tile must give each
+    thread at least 4 elements: a tile smaller than that (a plane of one row, N * S = 1, with a
+    handful of channels) has nothing to put in a vector, whatever its addresses.
+    """
+    sig = dict(spec.signature)
+    prefixes = sorted({m.group(1) for n, _ in spec.signature
+                       if (m := re.fullmatch(r"stride_(\w+)[ncs]", n))})
+    if not prefixes:
+        return False
+    tile = spec.constexpr("BLOCK_N") * spec.constexpr("BLOCK_S") * spec.constexpr("BLOCK_C")
+    if tile < 4 * 32 * spec.num_warps:
+        return False
+    const = dict(spec.constexprs)
+    absent = {"r": not const.get("HAS_RES"), "dr": not const.get("WRITE_DRES")}
+    for p in prefixes:
+        if absent.get(p):
+            continue  # a dummy pointer with zero strides: the kernel never touches it
+        axes = {a: f"stride_{p}{a}" for a in "ncs"}
+        contiguous = [a for a, n in axes.items() if sig.get(n) == "constexpr" and const.get(n) == 1]
+        if not contiguous:
+            return False
+        block = spec.constexpr("BLOCK_C") if contiguous[0] == "c" else spec.constexpr("BLOCK_S")
+        others = [n for a, n in axes.items() if a not in contiguous]
+        if block < 4 or not all(n in spec.divisible or sig.get(n) == "constexpr" for n in others):
+            return False
+        tensor = {"x": "X", "y": "Y", "dy": "DY", "dx": "DX", "r": "RES", "dr": "DRES"}[p]
+        if tensor not in spec.divisible:
+            return False
+    return True
+
+
+@dataclass
+class Result:
+    target: str
+    kernel: str
+    dtype: str
+    num_warps: int
+    blocks: dict
+    flags: dict
+    aligned: bool
+    problems: list = field(default_factory=list)
+    ok: bool = True
+    failures: list = field(default_factory=list)
+    regs: int = 0
+    stack: int = 0
+    local: int = 0
+    shared: int = 0
+    programs_per_sm: int = 0
+    occupancy: float = 0.0
+    loads: dict = field(default_factory=dict)
+    stores: dict = field(default_factory=dict)
+    vector_capable: bool = False
+    compile_s: float = 0.0
+
+
+def compile_and_inspect(spec: Spec, target_key: str, dtype: str, aligned: bool) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    t = TARGETS[target_key]
+    const = dict(spec.constexprs)
+    res = Result(t.name, spec.kernel, dtype, spec.num_warps,
+                 {k: const[k] for k in ("BLOCK_N", "BLOCK_S", "BLOCK_C") if k in const},
+                 {k: v for k, v in const.items() if isinstance(v, bool)}, aligned)
+    kernel = _kernel_by_name(spec.kernel)
+    names = kernel.arg_names
+    src = ASTSource(fn=kernel, signature=dict(spec.signature), constexprs=const,
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in spec.divisible})
+    gpu = GPUTarget("cuda", t.arch, 32)
+    options = make_backend(gpu).parse_options({"num_warps": spec.num_warps,
+                                               **launch.COMPILE_OPTIONS}).__dict__
+    start = time.time()
+    try:
+        compiled = triton.compile(src, target=gpu, options=options)
+    except Exception as e:  # a plan that does not compile is a finding, not a crash
+        res.ok, res.failures = False, [f"does not compile: {type(e).__name__}: {str(e)[:300]}"]
+        return res
+    res.compile_s = round(time.time() - start, 2)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    res.regs, res.stack, res.local = int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"])
+    res.shared = max(int(fields["SHARED"]), int(compiled.metadata.shared))
+    res.programs_per_sm, occ = _occupancy(res.regs, res.shared, spec.num_warps, t)
+    res.occupancy = round(occ, 3)
+    res.loads, res.stores = _access_widths(sass)
+    res.vector_capable = aligned and _vector_capable(spec)
+
+    if res.local > 0 or res.stack > 0:
+        res.failures.append(f"spills: {res.local} B local memory, {res.stack} B stack per thread")
+    if res.shared > t.shared_per_block:
+        res.failures.append(f"needs {res.shared} B shared memory; {t.name} has {t.shared_per_block}")
+    if res.programs_per_sm == 0:
+        res.failures.append("no program fits on an SM")
+    if dtype in ("float16", "bfloat16") and res.vector_capable:
+        narrow = {w: n for w, n in {**res.loads, **res.stores}.items() if w < 4}
+        if narrow or max(list(res.loads) + [0]) < 8:
+            res.failures.append(f"half activations moved with narrow accesses: loads {res.loads} "
+                                f"stores {res.stores} (bytes: count)")
+    res.ok = not res.failures
+    return res
+
+
+def _compile_job(job):
+    spec, target_key, dtype, aligned = job
+    return compile_and_inspect(spec, target_key, dtype, aligned)
+
+
+def tuned_problems(target_key: str, table_path: str | None = None) -> list[tuple[Problem, dict]]:
+    """(problem, plan fields) for each tuning-table entry that the dispatcher would use on a GPU
+    of this target's architecture (same triton version, capability = target arch): those plans
+    run there, so they must compile spill-free too. Default table: the dispatcher's."""
+    import triton
+
+    from .. import tuning_table
+    path = table_path or tuning_table.active_path()
+    if path is None:
+        return []
+    out = []
+    for e in tuning_table.load(path).entries:
+        cap = e.get("capability")
+        if (e["triton"] != triton.__version__ or e["dtype"] not in DTYPES
+                or not (isinstance(cap, list) and len(cap) == 2
+                        and cap[0] * 10 + cap[1] == TARGETS[target_key].arch)
+                or not isinstance(e.get("shape"), list)):
+            continue
+        layout = e.get("memory_format", "contiguous")
+        out.append((Problem(e["op"], tuple(e["shape"]), e["dtype"], layout),
+                    {k: e["plan"][k] for k in tuning_table.PLAN_FIELDS}))
+    return out
+
+
+def collect_specs(subset: str, target_keys: list[str], unaligned: bool = True,
+                  tuned: bool = True, table_path: str | None = None):
+    """Distinct (spec, target, dtype, aligned) jobs, each with the problems that produce it;
+    with ``tuned``, also the plans of the tuning table for the targets' GPUs."""
+    jobs: dict[tuple, list[str]] = {}
+    for key in target_keys:
+        for prob in problems(subset):
+            for aligned in ((True, False) if unaligned else (True,)):
+                for kernel, _grid, args, kwargs in capture(prob, TARGETS[key], aligned):
+                    spec = specialize(kernel, args, kwargs)
+                    jobs.setdefault((spec, key, prob.dtype, aligned), []).append(prob.name)
+        for prob, plan in (tuned_problems(key, table_path) if tuned else []):
+            # the tuned plan on the shape it was tuned for, exactly as the dispatcher runs it
+            with planner.forced_plan(**plan):
+                launches = capture(prob, TARGETS[key], True)
+            for kernel, _grid, args, kwargs in launches:
+                spec = specialize(kernel, args, kwargs)
+                jobs.setdefault((spec, key, prob.dtype, True), []).append(prob.name + " (tuned)")
+    return jobs
+
+
+def compile_jobs(jobs: dict, workers: int = 2) -> list[Result]:
+    """Compile {(spec, target, dtype, aligned): [problem names]} in worker processes."""
+    ordered = list(jobs)
+    results: list[Result] = []
+    # Workers are fresh processes with TRITON_INTERPRET=0 (so importing tritonbn does not turn
+    # the interpreter on), so their kernels are real JITFunctions that triton.compile accepts
+    # (this process may be running the interpreter).
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            for job, res in zip(ordered, pool.map(_compile_job, ordered)):
+                res.problems = sorted(set(jobs[job]))
+                results.append(res)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return results
+
+
+def run_check(subset: str = "ci", target_keys=("sm90",), unaligned: bool = False,
+              workers: int = 2, tuned: bool = True, table_path: str | None = None) -> list[Result]:
+    return compile_jobs(collect_specs(subset, list(target_keys), unaligned, tuned, table_path),
+                        workers)
+
+
+def _versions() -> dict:
+    import triton
+    return {"torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(),
+            "ptxas": subprocess.run([_tool("ptxas"), "--version"], capture_output=True,
+                                    text=True).stdout.strip().splitlines()[-1]}
+
+
+def write_report(results: list[Result], out_dir: str, stem: str = "compile_check") -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    meta = _versions()
+    json_path = os.path.join(out_dir, f"{stem}.json")
+    with open(json_path, "w") as f:
+        json.dump({"versions": meta, "results": [dataclasses.asdict(r) for r in results]}, f,
+                  indent=1, default=str)
+    md_path = os.path.join(out_dir, f"{stem}.md")
+    lines = [f"# Compile check: every kernel plan compiled for real GPUs",
+             "",
+             f"torch {meta['torch']}, triton {meta['triton']}, {meta['ptxas']}, {meta['date']}. "
+             f"Made by `tritonbn check-compile`; see bench/README.md for how to read it.",
+             "",
+             "| target | kernel | dtype | blocks (n,s,c) | warps | aligned | regs | spill B | "
+             "smem B | programs/SM | occupancy | load B:count | store B:count | vec | ok |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(results, key=lambda r: (r.target, r.kernel, r.dtype, -r.aligned,
+                                            tuple(r.blocks.values()), r.num_warps)):
+        b = r.blocks
+        hist = lambda h: " ".join(f"{w}:{n}" for w, n in sorted(h.items())) or "-"  # noqa: E731
+        lines.append(
+            f"| {r.target.split()[0]} | {r.kernel.replace('_kernel', '')} | {r.dtype} | "
+            f"{b.get('BLOCK_N')},{b.get('BLOCK_S')},{b.get('BLOCK_C')} | {r.num_warps} | "
+            f"{'y' if r.aligned else 'n'} | {r.regs} | {r.local + r.stack} | {r.shared} | "
+            f"{r.programs_per_sm} | {r.occupancy:.0%} | {hist(r.loads)} | {hist(r.stores)} | "
+            f"{'y' if r.vector_capable else '-'} | {'ok' if r.ok else 'FAIL: ' + '; '.join(r.failures)} |")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return md_path, json_path
+
+
+def summarize(results: list[Result]) -> str:
+    ok = [r for r in results if r.ok]
+    compiled = [r for r in results if r.regs]
+    lines = [f"{len(results)} kernel specializations compiled: {len(ok)} ok, "
+             f"{len(results) - len(ok)} failing"]
+    if compiled:
+        lines.append(f"registers/thread {min(r.regs for r in compiled)}..{max(r.regs for r in compiled)}, "
+                     f"spills {max(r.local + r.stack for r in compiled)} B max, "
+                     f"occupancy {min(r.occupancy for r in compiled):.0%}..{max(r.occupancy for r in compiled):.0%}")
+        vec = [r for r in compiled if r.vector_capable]
+        if vec:
+            widest = min(max(r.loads) for r in vec)
+            lines.append(f"{len(vec)} vector-capable half/float plans: narrowest widest-load {widest} B")
+    for r in results:
+        if not r.ok:
+            lines.append(f"FAIL {r.target} {r.kernel} {r.dtype} {r.blocks} warps={r.num_warps} "
+                         f"aligned={r.aligned}: {'; '.join(r.failures)} (e.g. {r.problems[:1]})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="tritonbn check-compile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--subset", choices=["ci", "full", "tuned"], default="full",
+                        help="tuned: only the tuning table's plans")
+    parser.add_argument("--targets", default="sm90,sm80", help="comma-separated: sm90, sm80")
+    parser.add_argument("--no-unaligned", action="store_true",
+                        help="skip the unaligned-pointer specializations")
+    parser.add_argument("--out", default=os.path.join("bench", "results"))
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--tuning-table", metavar="PATH",
+                        help="also compile this tuning table's plans for the targets' GPUs "
+                             "(default: the table the dispatcher reads)")
+    parser.add_argument("--no-tuned", action="store_true",
+                        help="skip the tuning table's plans")
+    args = parser.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
+    results = run_check(args.subset, targets, not args.no_unaligned, args.workers,
+                        not args.no_tuned, args.tuning_table)
+    md, js = write_report(results, args.out)
+    print(summarize(results))
+    print(f"wrote {md} and {js}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

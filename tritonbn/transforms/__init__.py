@@ -1,0 +1,8 @@
+"""Model transforms: convert torch's batch norms to tritonbn's, fold eval-mode batch norm into the
+layer before it, fuse batch norm with the add and activation after it."""
+from .convert import convert_model, restore_model
+from .fold import fold_into_conv
+from .fuse import FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d, fuse
+
+__all__ = ["convert_model", "restore_model", "fold_into_conv", "fuse",
+           "FusedBatchNormAct1d", "FusedBatchNormAct2d", "FusedBatchNormAct3d"]
