@@ -21,7 +21,7 @@ from . import tuning_table
 from ._runtime import interpreter_enabled
 from .options import OPS
 
-__all__ = ["OPS", "DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan",
+__all__ = ["OPS", "DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan", "forced_fields",
            "planning_for", "reload_tuning_table", "grid_tiles", "cdiv"]
 
 
@@ -149,6 +149,11 @@ def forced_plan(**fields):
         yield
     finally:
         _forced = previous
+
+
+def forced_fields() -> dict:
+    """The plan fields ``forced_plan`` imposes right now (empty outside it)."""
+    return dict(_forced or {})
 
 
 def make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,

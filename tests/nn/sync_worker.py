@@ -73,7 +73,7 @@ def check_sync_batch_norm(rank, world, init_file):
         dist.destroy_process_group()
 
 
-def _model(seed):
+def make_model(seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6),
                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
@@ -108,7 +108,7 @@ def check_ddp_training(rank, world, init_file, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(_model(0))
+        model = tritonbn.SyncBatchNorm.convert_sync_batchnorm(make_model(0))
         assert isinstance(model[1], tritonbn.SyncBatchNorm)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         losses = train_steps(ddp, world, rank)

@@ -25,7 +25,7 @@ def test_ddp_training_matches_single_process(tmp_path):
              nprocs=world, join=True)
     got = torch.load(result)
     # the same model and data in one process, with torch's own batch norm over the whole batch
-    model = sync_worker._model(0)
+    model = sync_worker.make_model(0)
     losses = sync_worker.train_steps(model, world)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), atol=1e-5, rtol=1e-5)
     for k, v in model.state_dict().items():

@@ -47,3 +47,34 @@ def test_info_accepts_the_x_separated_shape(capsys):
     assert cli.main(["info", "--shape", "2x4x4x4", "--op", "fwd_train"]) == 0
     assert "input (2, 4, 4, 4) float16 contiguous -> plane view N=2 C=4 S=16" in \
         capsys.readouterr().out
+
+
+def test_info_prints_the_plan_the_launchers_use(table_path, device, capsys):
+    """With float16 and bfloat16 entries for the same plane, `tritonbn info --dtype bfloat16`
+    shows the bfloat16 entry -- the plan a real bfloat16 call launches."""
+    import torch
+
+    from tritonbn import launch, plan as planner, tuning_table as tt
+
+    shape = (8, 4, 16, 16)
+    name = planner.device_info(torch.device(device)).name
+    plane = [shape[0], shape[1], shape[2] * shape[3]]
+    entries = []
+    for dtype, block_s in (("float16", 32), ("bfloat16", 64)):
+        entries.append({"gpu": name, "triton": tt.triton_version(), "op": "fwd_eval",
+                        "dtype": dtype, "layout": "nchw", "aligned": True,
+                        "bucket": list(tt.bucket(*plane)), "shape": list(shape), "plane": plane,
+                        "plan": dict(variant="split", block_n=2, block_s=block_s, block_c=1,
+                                     splits=3, num_warps=4)})
+    tt.merge_write(str(table_path), entries)
+    planner.reload_tuning_table()
+    assert cli.main(["info", "--shape", ",".join(map(str, shape)), "--dtype", "bfloat16",
+                     "--op", "fwd_eval"]) == 0
+    out = capsys.readouterr().out
+    assert "block(n,s,c)=(2,64,1)" in out and "tuned (" in out
+    x = torch.randn(shape, device=device).to(torch.bfloat16)
+    with launch.capture_launches() as launches:
+        import tritonbn
+        tritonbn.batch_norm(x, torch.zeros(4, device=device), torch.ones(4, device=device))
+    (_kernel, _grid, _args, kwargs), = launches
+    assert (kwargs["BLOCK_N"], kwargs["BLOCK_S"], kwargs["BLOCK_C"]) == (2, 64, 1)

@@ -91,8 +91,8 @@ def test_tiles_smaller_than_the_threads_are_not_gated_as_vectorizable():
     t = specs[tiny]
     assert t.constexpr("BLOCK_N") * t.constexpr("BLOCK_S") * t.constexpr("BLOCK_C") \
         < 4 * 32 * t.num_warps
-    assert not cc._vector_capable(specs[tiny])
-    assert cc._vector_capable(specs[big])
+    assert not cc.vector_capable(specs[tiny])
+    assert cc.vector_capable(specs[big])
 
 
 def test_inv_std_has_no_subroutine_call_on_sm80():

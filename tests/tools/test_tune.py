@@ -49,7 +49,7 @@ class PreferSplit:
 
     def __call__(self, fn, warm=True):
         fn()
-        forced = planner._forced or {}
+        forced = planner.forced_fields()
         t = 1.0 if forced.get("variant") == "onepass" else 0.5
         return Measurement(t, t, 1)
 
@@ -139,8 +139,8 @@ def test_candidates_respect_the_kernel_constraints():
                   for thorough in (False, True)}
         assert len(sweeps[True]) >= len(sweeps[False]) > 1
         for cands in sweeps.values():
-            assert cands[0] == tune._fields(h)            # the heuristic is always measured
-            keys = [tune._launch_key(p, n, s) for p in cands]
+            assert cands[0] == tune.plan_fields(h)            # the heuristic is always measured
+            keys = [tune.launch_key(p, n, s) for p in cands]
             assert len(keys) == len(set(keys))            # no duplicate launches
             for p in cands:
                 assert all(v & (v - 1) == 0 for v in (p["block_n"], p["block_s"], p["block_c"],
@@ -223,7 +223,7 @@ def test_the_output_check_rejects_a_plan_that_drops_a_tile(device, monkeypatch):
         plan = dict(variant="split", block_n=1, block_s=64, block_c=1, splits=4, num_warps=4)
         with planner.forced_plan(**plan):
             ref = work.run()
-            tune._check_outputs(op, work.run(), ref)      # the same plan passes
+            tune.check_outputs(op, work.run(), ref)      # the same plan passes
             real = planner.grid_tiles
 
             def drop_last(p, n, s):
@@ -236,5 +236,5 @@ def test_the_output_check_rejects_a_plan_that_drops_a_tile(device, monkeypatch):
         names = ("save_mean", "save_invstd") if op == "fwd_train" else ("grad_weight", "grad_bias")
         for i, name in enumerate(names, start=1):
             with pytest.raises(AssertionError, match=name):
-                tune._check_outputs(op, (ref[0], *((bad[i] if j == i else ref[j])
+                tune.check_outputs(op, (ref[0], *((bad[i] if j == i else ref[j])
                                                    for j in (1, 2))), ref)

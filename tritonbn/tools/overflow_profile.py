@@ -18,7 +18,7 @@ import torch
 __all__ = ["profile", "summary_table", "main"]
 
 
-def _naive_half(x: torch.Tensor, w, b, running_mean, running_var, eps=1e-5, momentum=0.1):
+def naive_half(x: torch.Tensor, w, b, running_mean, running_var, eps=1e-5, momentum=0.1):
     """Batch norm as a naive half-precision implementation would do it: sums accumulated in the
     input dtype (pairwise, each partial rounded), variance as E[x²] - E[x]², x² in that dtype."""
     dims = [0] + list(range(2, x.dim()))
@@ -102,7 +102,7 @@ def profile(dtypes=("float16", "bfloat16", "float32"), amplitudes=AMPLITUDES,
                                 x, rm, rv, w, b, True, overflow="saturate"),
                             "torch": lambda x, rm, rv: torch.nn.functional.batch_norm(
                                 x, rm, rv, w, b, True),
-                            "naive-" + dname: lambda x, rm, rv: _naive_half(x, w, b, rm, rv),
+                            "naive-" + dname: lambda x, rm, rv: naive_half(x, w, b, rm, rv),
                         }
                         for impl, fn in impls.items():
                             rm = torch.zeros(channels, device=device)

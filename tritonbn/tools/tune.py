@@ -82,7 +82,7 @@ def problems_for(shapes, ops=DEFAULT_OPS, dtypes=("float16",), layouts=LAYOUTS) 
     return out
 
 
-def _fields(plan: Plan) -> dict:
+def plan_fields(plan: Plan) -> dict:
     return {k: getattr(plan, k) for k in tuning_table.PLAN_FIELDS}
 
 
@@ -116,11 +116,11 @@ def candidates(op: str, n: int, c: int, s: int, channels_minor: bool, heuristic:
     per_thread = THOROUGH_PER_THREAD if thorough else PER_THREAD
     target = planner.PROGRAMS_PER_SM * device.sm_count
 
-    out: list[dict] = [_fields(heuristic)]
-    seen = {_launch_key(out[0], n, s)}
+    out: list[dict] = [plan_fields(heuristic)]
+    seen = {launch_key(out[0], n, s)}
 
     def add(p: dict) -> None:
-        key = _launch_key(p, n, s)
+        key = launch_key(p, n, s)
         if key not in seen:
             seen.add(key)
             out.append(p)
@@ -150,7 +150,7 @@ def candidates(op: str, n: int, c: int, s: int, channels_minor: bool, heuristic:
     return out
 
 
-def _launch_key(p: dict, n: int, s: int) -> tuple:
+def launch_key(p: dict, n: int, s: int) -> tuple:
     if p["variant"] == "onepass":
         return ("onepass", p["block_c"], p["num_warps"])
     plan = Plan("split", p["block_n"], p["block_s"], p["block_c"], p["splits"], p["num_warps"],
@@ -219,7 +219,7 @@ def _tolerance(ref: torch.Tensor) -> float:
     return max(4 * eps, 1e-4) * scale
 
 
-def _check_outputs(op: str, outs, refs) -> None:
+def check_outputs(op: str, outs, refs) -> None:
     names = (("y", "save_mean", "save_invstd") if op.startswith("fwd")
              else ("grad_input", "grad_weight", "grad_bias"))
     for name, out, ref in zip(names, outs, refs):
@@ -281,7 +281,7 @@ def tune_problem(problem: Problem, timer, device: str, max_candidates: int | Non
                 if ref is None:  # the heuristic plan's outputs: the yardstick
                     ref = tuple(o.detach().clone() for o in outs)
                 else:
-                    _check_outputs(problem.op, outs, ref)
+                    check_outputs(problem.op, outs, ref)
                 m = timer(work.run, warm=False)
             timings.append((m.median_s, i, fields))
         except Exception as e:  # a plan that fails to compile or run is a finding, not a crash
@@ -296,7 +296,7 @@ def tune_problem(problem: Problem, timer, device: str, max_candidates: int | Non
         best_s, best = h[0][0], h[0][2]
     heuristic_s = h[0][0] if h else float("nan")
     return TuneResult(problem, info, (v.n, v.c, v.s), v.channels_minor, aligned,
-                      _fields(heuristic), heuristic_s, best, best_s, len(cands),
+                      plan_fields(heuristic), heuristic_s, best, best_s, len(cands),
                       getattr(timer, "smoke", False), failures)
 
 
