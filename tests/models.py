@@ -108,7 +108,7 @@ def train(model: nn.Module, xs, ts, amp_dtype=None, step_fn=None) -> dict:
                 params={n: p.detach().clone() for n, p in model.named_parameters()})
 
 
-def check_compiled_steps(model, device, steps=2):
+def check_compiled_steps(model, device, steps=2, backend="inductor"):
     """torch.compile(model, fullgraph=True) trains ``steps`` SGD steps like torch's eager model
     (one forward and one backward kernel per batch norm per step; losses, first-step gradients,
     running statistics and batch counts), then runs one eval step that calls only the eval
@@ -119,7 +119,7 @@ def check_compiled_steps(model, device, steps=2):
     ref_model = make_model(device)
     ref = train(ref_model, xs, ts)
     n_bn = len(bn_modules(model))
-    compiled = torch.compile(model, fullgraph=True)  # the default backend, inductor
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     with tritonbn.count_launches() as launches:
         ours = train(model, xs, ts, step_fn=compiled)
     # the compiled forward and backward graphs call the kernels for every batch norm, every step

@@ -56,6 +56,7 @@ def _map_source_kernels() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
+    setattr(sys.modules[__package__], "kernels", module)
 
 
 def _check_interpreter_support() -> None:

@@ -1,5 +1,5 @@
-"""Synchronized batch norm: 2 and 3 gloo processes on CPU (the interpreter runs the kernels)
-against single-process batch norm over the concatenated batch."""
+"""Synchronized batch norm: 2 (and, in the slow tier, 3) gloo processes on CPU (the interpreter
+runs the kernels) against single-process batch norm over the concatenated batch."""
 import os
 
 import pytest
@@ -9,10 +9,8 @@ import torch.multiprocessing as mp
 import tritonbn
 from tests.nn import sync_worker
 
-pytestmark = pytest.mark.slow
 
-
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_sync_batch_norm_matches_single_process(world, tmp_path):
     mp.spawn(sync_worker.check_sync_batch_norm, args=(world, str(tmp_path / "init")),
              nprocs=world, join=True)

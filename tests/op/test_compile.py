@@ -12,8 +12,8 @@ def _step(x, w, b, rm, rv, training):
     return (y.float() * y.float()).mean()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager",
+                                     pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("training", [True, False])
 def test_compile_fullgraph(backend, training, device):
     torch._dynamo.reset()
