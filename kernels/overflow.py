@@ -21,9 +21,18 @@ def _max_finite(DT: tl.constexpr):
 
 
 @triton.jit
+def _cast(v, DT: tl.constexpr):
+    """v.to(DT); float64 -> bfloat16 goes through float32 explicitly: Triton's interpreter has
+    no direct conversion and stores garbage (a float64 tensor with a bfloat16 residual)."""
+    if v.dtype == tl.float64 and DT == tl.bfloat16:
+        v = v.to(tl.float32)
+    return v.to(DT)
+
+
+@triton.jit
 def overflowed(v, DT: tl.constexpr):
     """Finite values of v (accumulation dtype) whose cast to DT is infinite."""
-    back = v.to(DT).to(v.dtype)
+    back = _cast(v, DT).to(v.dtype)
     return (back - back != 0) & (v - v == 0)
 
 
@@ -33,7 +42,7 @@ def fit(v, DT: tl.constexpr, SATURATE: tl.constexpr):
     if SATURATE:
         lim = _max_finite(DT)
         v = tl.where(overflowed(v, DT), tl.where(v > 0, lim, -lim), v)
-    return v.to(DT)
+    return _cast(v, DT)
 
 
 @triton.jit

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
@@ -145,6 +146,11 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
       * ``running_count``: per-channel int64 batch counts for a cumulative running average
         (what momentum=None means in the modules), incremented in the kernel; momentum unused.
     """
+    if not isinstance(input, Tensor) or input.dim() < 2:
+        # Outside the (N, C, ...) domain torch decides, whichever version is installed: it
+        # raises its own exception, or returns an empty tensor for an empty 1-D input.
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
     o = options(training, momentum, eps, activation, negative_slope, overflow=overflow,
                 nonfinite_stats=nonfinite_stats, cumulative=running_count is not None)
     return run(input, o, running_mean, running_var, weight, bias, residual,

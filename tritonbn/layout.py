@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 __all__ = ["PlaneView", "plane_view", "output_memory_format", "empty_output", "max_offset"]
 
@@ -70,19 +71,23 @@ def _plane_view(shape: tuple[int, ...], strides: tuple[tuple[int, ...], ...]) ->
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The memory format torch's batch_norm gives its output for this input."""
+    """The memory format torch's batch_norm gives its output (and grad_input) for a non-empty x:
+    torch's suggested format, which also makes a sliced channels-last input's output
+    channels-last (with torch's own tie-breaking for ambiguous strides)."""
     if x.is_contiguous():
         return torch.contiguous_format
     if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
-    return torch.contiguous_format
+    return suggest_memory_format(x)
 
 
 def empty_output(x: torch.Tensor) -> torch.Tensor:
-    """An uninitialized tensor like x in the memory format torch's batch_norm gives its output
-    (and gradient) for x."""
+    """An uninitialized tensor like x in the layout torch's batch_norm gives its output (and
+    gradient): an empty x keeps its own strides, as in torch."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
     return torch.empty_like(x, memory_format=output_memory_format(x))
 
 

@@ -20,18 +20,19 @@ from .options import NONFINITE_POLICIES, OVERFLOW_POLICIES, Options
 __all__ = ["check_scalars", "check_options", "check_tensors"]
 
 
-def _is_real(v) -> bool:
-    """A Python real number (not a bool), or a real 0-d tensor as torch also accepts."""
+def _is_real(v, allow_bool: bool = False) -> bool:
+    """A Python real number, or a real 0-d tensor as torch also accepts (a bool only where torch
+    takes one: momentum=True is momentum 1)."""
     if isinstance(v, torch.Tensor):
         return v.dim() == 0 and not v.is_complex() and v.dtype != torch.bool
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and (allow_bool or not isinstance(v, bool))
 
 
 def check_scalars(training, momentum, eps, activation, negative_slope, overflow,
                   nonfinite_stats) -> None:
     if not isinstance(training, bool):
         raise TypeError(f"batch_norm: training must be a bool, got {type(training).__name__}")
-    if not _is_real(momentum):
+    if not _is_real(momentum, allow_bool=True):
         raise TypeError(f"batch_norm: momentum must be a float, got {type(momentum).__name__} "
                         "(momentum=None, the cumulative average, is a module option)")
     if not _is_real(eps):
@@ -49,10 +50,11 @@ def check_scalars(training, momentum, eps, activation, negative_slope, overflow,
 
 
 def check_options(o: Options) -> None:
-    if o.training and not o.eps > 0:
-        raise ValueError(f"batch_norm: eps must be positive during training, but got {o.eps}")
+    # torch's rules, NaN included (it passes both, as in torch)
+    if o.training and o.eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {o.eps}")
     if o.eps < 0:
-        raise ValueError(f"batch_norm: eps must be non-negative, but got {o.eps}")
+        raise ValueError(f"batch_norm eps must be non-negative, but got {o.eps}")
     if o.renorm is not None:
         rmax, dmax = o.renorm
         if not rmax >= 1.0:
@@ -80,6 +82,32 @@ def _check_param(name: str, t, input: torch.Tensor, c: int) -> None:
                            f"input's dtype {input.dtype}")
 
 
+def _check_running(name: str, t, input: torch.Tensor, o: Options, per_activation: bool) -> None:
+    """torch's rules for a running statistic, beyond its size and dtype."""
+    if t is None:
+        return
+    if not per_activation and t.dim() != 1:
+        raise RuntimeError(f"batch_norm: {name} must be a 1-D tensor of {input.shape[1]} "
+                           f"elements, got shape {tuple(t.shape)}")
+    if torch.is_grad_enabled() and t.requires_grad:
+        raise RuntimeError(f"batch_norm: {name} requires grad, but running statistics are not "
+                           f"differentiable (detach it, or update it under torch.no_grad())")
+    if torch.compiler.is_compiling():
+        return  # the checks below read tensor facts Dynamo cannot trace; eager calls make them
+    if torch.is_grad_enabled() and input.requires_grad and t.is_inference():
+        # torch saves the running statistics for backward, which inference tensors forbid
+        raise RuntimeError(f"batch_norm: {name} is an inference tensor (made under "
+                           f"torch.inference_mode()): inference tensors cannot be saved for "
+                           f"backward; clone it outside inference mode")
+    if o.training and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+        # An expanded (stride-0) statistic: every channel's update lands on the same memory,
+        # an order-dependent result (torch on CPU) or a race (on a GPU). Refused before any
+        # kernel runs, so neither running statistic changes.
+        raise RuntimeError(f"batch_norm: {name} has overlapping memory (an expanded tensor, "
+                           f"strides {t.stride()}): one element per channel is needed to "
+                           f"update it in training")
+
+
 def _check_counter(name: str, t, input: torch.Tensor, numel: int, dtype: torch.dtype) -> None:
     if t is None:
         return
@@ -103,12 +131,13 @@ def check_tensors(input, o: Options, running_mean, running_var, weight, bias, re
     if not input.is_floating_point():
         raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}: '
                                   f"tritonbn supports float16, bfloat16, float32 and float64")
+    if not o.training:
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is None:
+                raise RuntimeError(f"batch_norm: {name} must be defined in evaluation mode")
     if (running_mean is None) != (running_var is None):
         raise ValueError("batch_norm: running_mean and running_var must either both be None "
                          "or neither be None")
-    if not o.training and running_mean is None:
-        raise RuntimeError("batch_norm: running_mean and running_var must be given in "
-                           "evaluation mode (training=False)")
     if o.renorm is not None and running_mean is None:
         raise ValueError("batch_renorm: running_mean and running_var are required (r and d "
                          "are measured against them)")
@@ -116,12 +145,8 @@ def check_tensors(input, o: Options, running_mean, running_var, weight, bias, re
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_param(name, t, input, c)
-    if torch.is_grad_enabled():
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t is not None and t.requires_grad:
-                raise RuntimeError(f"batch_norm: {name} requires grad, but running statistics "
-                                   f"are not differentiable (detach it, or update it under "
-                                   f"torch.no_grad())")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_running(name, t, input, o, per_activation)
     if o.training and input.numel() == c and input.numel() > 0 and o.group is None:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{tuple(input.shape)}")

@@ -124,3 +124,43 @@ def check_ddp_training(rank, world, init_file, result_file):
         gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def check_compiled_sync(rank, world, init_file, backend):
+    """A SyncBatchNorm training step under torch.compile(fullgraph=True) equals the eager step:
+    the collectives run inside the op (the process group travels by name), so Dynamo sees no
+    ProcessGroup and no graph break."""
+    import tritonbn
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        torch.manual_seed(0)
+        c = 4
+        eager = tritonbn.SyncBatchNorm(c)
+        compiled = tritonbn.SyncBatchNorm(c)
+        step = torch.compile(compiled, fullgraph=True, backend=backend)
+        for i in range(2):
+            g = torch.Generator().manual_seed(10 * i + rank)
+            x = torch.randn(3 + rank, c, 2, 3, generator=g) * (1 + rank) + i
+            xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+            ye = eager(xe)
+            with tritonbn.count_launches() as launches:
+                yc = step(xc)
+                (yc * yc).sum().backward()
+            (ye * ye).sum().backward()
+            assert launches["bn_merge_partials_kernel"] == 2, launches   # forward and backward
+            assert torch.equal(yc, ye)
+            torch.testing.assert_close(xc.grad, xe.grad, atol=1e-5, rtol=1e-5)
+        for name, b in eager.named_buffers():
+            assert torch.equal(dict(compiled.named_buffers())[name], b), name
+        both = [torch.empty(2, c) for _ in range(world)]
+        dist.all_gather(both, torch.stack([compiled.running_mean, compiled.running_var]))
+        assert all(torch.equal(both[0], o) for o in both)
+        # Shut down in step, as check_ddp_training does: every rank done with its collectives
+        # and the compiled graphs (and what they hold) gone before the group is destroyed.
+        dist.barrier()
+        del step, compiled, eager
+        torch._dynamo.reset()
+        gc.collect()
+    finally:
+        dist.destroy_process_group()

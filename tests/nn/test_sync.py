@@ -39,3 +39,10 @@ def test_convert_sync_batchnorm_keeps_tensors_and_runs_locally():
     with tritonbn.count_launches() as launches:
         converted(x)  # no process group: plain batch norm
     assert sum(launches.values()) >= 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager",
+                                     pytest.param("inductor", marks=pytest.mark.slow)])
+def test_sync_batch_norm_compiles_with_fullgraph(backend, tmp_path):
+    mp.spawn(sync_worker.check_compiled_sync, args=(2, str(tmp_path / "init"), backend),
+             nprocs=2, join=True)

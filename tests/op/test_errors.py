@@ -137,13 +137,19 @@ def test_rejected_module_call_does_not_count_the_batch(device, module_cls, bad):
     torch.testing.assert_close(m.running_mean.cpu(), x.mean(0).cpu(), atol=1e-5, rtol=1e-5)
 
 
-def test_running_stats_without_a_flat_view_are_written_back(device):
-    """Running statistics of C elements whose strides have no (C,) view (here a transposed
-    (3, 2) for C = 6) are updated through a copy that is written back."""
+def test_running_stats_must_be_one_dimensional_like_torch(device):
+    """torch refuses running statistics of any other shape, (1, C) included, with a
+    RuntimeError; so does tritonbn, before any kernel runs (weight and bias of any shape with C
+    elements are fine, as in torch)."""
     x = torch.randn(4, 6, 3, device=device)
-    rm, rv = torch.zeros(3, 2, device=device).t(), torch.ones(3, 2, device=device).t()
-    ref_rm, ref_rv = torch.zeros(6), torch.ones(6)
-    tritonbn.batch_norm(x, rm, rv, training=True)
-    F.batch_norm(x.cpu(), ref_rm, ref_rv, training=True)
-    torch.testing.assert_close(rm.reshape(6).cpu(), ref_rm, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(rv.reshape(6).cpu(), ref_rv, atol=1e-6, rtol=1e-6)
+    for shape in ((1, 6), (2, 3)):
+        rm, rv = torch.zeros(shape, device=device), torch.ones(shape, device=device)
+        with pytest.raises(RuntimeError):
+            F.batch_norm(x.cpu(), rm.cpu(), rv.cpu(), training=True)
+        with pytest.raises(RuntimeError, match="1-D"):
+            tritonbn.batch_norm(x, rm, rv, training=True)
+        assert (rm == 0).all() and (rv == 1).all()
+    w = torch.linspace(0.5, 1.5, 6, device=device).reshape(1, 6)
+    y = tritonbn.batch_norm(x, None, None, w, None, training=True)
+    torch.testing.assert_close(y.cpu(), F.batch_norm(x.cpu(), None, None, w.cpu(), None, True),
+                               atol=1e-5, rtol=1e-5)
