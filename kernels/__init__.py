@@ -7,6 +7,10 @@ modules or shapes beyond the canonical (N, C, S) view that the host builds:
   element strides (any of which may be 0, e.g. for the gradient of ``y.sum()``);
 * a channel's reduction domain is the N x S plane, walked in tiles of
   BLOCK_N samples x BLOCK_S positions x BLOCK_C channels.
+
+Every kernel orders its parameters pointers, integers, floats, then compile-time constants: the
+host's direct launch path (tritonbn/direct_launch.py) relies on that order. Absent tensors are
+passed as None, with None strides, and a constexpr flag says so.
 """
 from .forward import bn_fwd_apply_kernel, bn_fwd_onepass_kernel, bn_stats_partial_kernel
 from .backward import bn_bwd_apply_kernel, bn_bwd_onepass_kernel, bn_bwd_partial_kernel

@@ -99,12 +99,12 @@ def bn_fwd_apply_kernel(
     n_tiles,            # tiles in a channel's plane
     tiles_per_split,    # consecutive tiles handled by one program
     n_part_splits,      # splits in PART
+    warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     momentum: tl.float64,   # running-statistics momentum
     eps: tl.float64,        # added to the variance
     slope: tl.float64,      # leaky_relu negative slope
     rmax: tl.float64,       # batch renorm clipping limits
     dmax: tl.float64,
-    warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,         # statistics from PART (else from RUN_MEAN / RUN_VAR)
     UPDATE_RUNNING: tl.constexpr,   # training with running statistics present
@@ -205,12 +205,12 @@ def bn_fwd_onepass_kernel(
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
     stride_rn, stride_rc, stride_rs,   # element strides of RES (None without it)
+    warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     momentum: tl.float64,   # running-statistics momentum
     eps: tl.float64,        # added to the variance
     slope: tl.float64,      # leaky_relu negative slope
     rmax: tl.float64,       # batch renorm clipping limits
     dmax: tl.float64,
-    warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     ACC: tl.constexpr,
     UPDATE_RUNNING: tl.constexpr,
     HAS_W: tl.constexpr,

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 __all__ = ["INTERPRETER", "ReferencePathWarning", "interpreter_enabled", "uses_reference",
-           "warn_reference_path"]
+           "warn_reference_path", "launch_on_cpu_tensors"]
 
 _ENV = "TRITON_INTERPRET"
 
@@ -79,6 +79,15 @@ _map_source_kernels()
 if INTERPRETER:
     _check_interpreter_support()
 _warned = False
+_kernels_on_cpu = False
+
+
+def launch_on_cpu_tensors() -> None:
+    """Host timing without a GPU (``tritonbn bench --host``): CPU tensors take the kernel path,
+    whose launches a do-nothing CUDA driver receives. No kernel computes anything then: this is
+    for measuring the host path, never for real work."""
+    global _kernels_on_cpu
+    _kernels_on_cpu = True
 
 
 def interpreter_enabled() -> bool:
@@ -88,7 +97,7 @@ def interpreter_enabled() -> bool:
 
 def uses_reference(t: torch.Tensor) -> bool:
     """A CPU tensor without the interpreter runs the float64 reference path."""
-    return t.device.type == "cpu" and not INTERPRETER
+    return t.device.type == "cpu" and not INTERPRETER and not _kernels_on_cpu
 
 
 def warn_reference_path() -> None:

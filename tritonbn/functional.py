@@ -29,6 +29,11 @@ def _cached_options(*fields) -> Options:
     return o
 
 
+# Calls whose scalars have exactly the types of a module's attributes (bool, float, str) find
+# their Options here without re-checking them: checked once, when first built.
+_by_arguments: dict = {}
+
+
 def options(training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
             activation: Optional[str] = None, negative_slope: float = 0.01,
             renorm: Optional[tuple[float, float]] = None, warmup_steps: int = 0,
@@ -36,6 +41,13 @@ def options(training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
             cumulative: bool = False, group: Optional[str] = None) -> Options:
     """The checked Options of one call, from the public argument names and types (checked
     here, before they become canonical Python values)."""
+    args = (training, momentum, eps, activation, negative_slope, renorm, warmup_steps, overflow,
+            nonfinite_stats, cumulative, group)
+    exact = type(momentum) is float and type(eps) is float and type(negative_slope) is float
+    if exact and not torch.compiler.is_compiling():
+        found = _by_arguments.get(args)
+        if found is not None and type(found.training) is type(training):
+            return found
     check_scalars(training, momentum, eps, activation, negative_slope, overflow,
                   nonfinite_stats)
     fields = (training, float(momentum), float(eps), activation or None, float(negative_slope),
@@ -46,7 +58,10 @@ def options(training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
         o = Options(*fields)
         check_options(o)
         return o
-    return _cached_options(*fields)
+    o = _cached_options(*fields)
+    if exact and len(_by_arguments) < 4096:
+        _by_arguments[args] = o
+    return o
 
 
 def _flat(t: Optional[Tensor], numel: int) -> Optional[Tensor]:
@@ -71,7 +86,7 @@ def run(input: Tensor, o: Options, running_mean=None, running_var=None, weight=N
     c = input.shape[1]
     a = ForwardArgs(input, _flat(weight, c), _flat(bias, c), residual, running_mean,
                     running_var, batches, *features[2:])
-    return ops.batch_norm_op(o, a)[0]
+    return ops.batch_norm_op(o, a)
 
 
 def _per_activation(input, o, weight, bias, residual, batches, features) -> Tensor:
@@ -96,14 +111,14 @@ def _per_activation(input, o, weight, bias, residual, batches, features) -> Tens
         r2 = None if residual is None else residual.contiguous().reshape(n, c * s)
         rm, rv, *rest = features
         a = ForwardArgs(x2, _flat(weight, c * s), _flat(bias, c * s), r2, rm, rv, batches, *rest)
-        return ops.batch_norm_op(o, a)[0].reshape(input.shape)
+        return ops.batch_norm_op(o, a).reshape(input.shape)
     last = (*range(1, len(spatial) + 1), 0)      # (C, *spatial) -> (*spatial, C)
     x2 = input.permute(to_last).reshape(n, s * c)
     r2 = None if residual is None else residual.permute(to_last).reshape(n, s * c)
     w, b = [None if t is None else t.reshape(c, *spatial).permute(last).reshape(s * c)
             for t in (weight, bias)]
     rm, rv, *rest = [None if t is None else t.permute(last) for t in features]
-    y2 = ops.batch_norm_op(o, ForwardArgs(x2, w, b, r2, rm, rv, batches, *rest))[0]
+    y2 = ops.batch_norm_op(o, ForwardArgs(x2, w, b, r2, rm, rv, batches, *rest))
     back = (0, input.dim() - 1, *range(1, input.dim() - 1))
     return y2.reshape(n, *spatial, c).permute(back)
 

@@ -4,7 +4,7 @@
 ``Options``, allocate the outputs, and run one of two backends behind the same steps:
 
 * the Triton kernels, planned by tritonbn/plan.py (on a GPU, or on CPU tensors in the
-  interpreter);
+  interpreter), launched through tritonbn/direct_launch.py;
 * the float64 reference (tritonbn/reference.py), for CPU tensors when Triton runs no kernels
   there (see tritonbn/_runtime.py).
 
@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import triton.language as tl
 
+from . import direct_launch
 from . import plan as planner
 from . import reference
 from ._runtime import uses_reference, warn_reference_path
@@ -52,7 +53,7 @@ LAUNCHES: collections.Counter = collections.Counter()
 
 @contextlib.contextmanager
 def count_launches():
-    """Yield a Counter of the kernel launches made inside the block."""
+    """Yield a Counter of the kernel launches made inside the block (filled when it ends)."""
     before = LAUNCHES.copy()
     seen: collections.Counter = collections.Counter()
     try:
@@ -64,12 +65,23 @@ def count_launches():
 _captured: list | None = None
 
 
+class LaunchArgs(tuple):
+    """A recorded launch's arguments in the kernel's parameter order; ``groups`` says how many
+    are pointers, integers and floats (the order every kernel declares them in)."""
+
+    def __new__(cls, tensors: tuple, ints: tuple, floats: tuple):
+        args = super().__new__(cls, (*tensors, *ints, *floats))
+        args.groups = (tensors, ints, floats)
+        return args
+
+
 @contextlib.contextmanager
 def capture_launches():
     """Record the launches the launchers would make instead of making them.
 
-    Yields a list of (kernel, grid, args, kwargs). Used by the compile check to compile exactly
-    the specializations real calls produce (tensors may be on the meta device).
+    Yields a list of (kernel, grid, args, kwargs), args a LaunchArgs. Used by the compile check
+    to compile exactly the specializations real calls produce (tensors may be on the meta
+    device), and by the launch-equivalence test.
     """
     global _captured
     previous, _captured = _captured, []
@@ -85,13 +97,23 @@ def capture_launches():
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
-def _run(kernel, grid, args, kwargs) -> None:
-    """Launch (and count) a kernel, or record the launch while capture_launches is active."""
+def _run(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
+         constants: direct_launch.Constants) -> None:
+    """Launch (and count) a kernel -- its arguments grouped as every kernel orders them -- or
+    record the launch while capture_launches is active."""
     if _captured is not None:
-        _captured.append((kernel, grid, args, kwargs))
+        launch_kwargs = {k: v for k, v in constants.items() if k not in COMPILE_OPTIONS}
+        _captured.append((kernel, grid, LaunchArgs(tensors, ints, floats), launch_kwargs))
         return
-    kernel[grid](*args, **kwargs, **COMPILE_OPTIONS)
+    direct_launch.launch(kernel, grid, tensors, ints, floats, constants)
     LAUNCHES[kernel.fn.__name__] += 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _constants(plan: Optional[planner.Plan], **constexprs) -> direct_launch.Constants:
+    """A launch's compile-time constants and options, made once per (plan, constants)."""
+    return direct_launch.Constants({**(plan.constants if plan is not None else {}),
+                                    **constexprs, **COMPILE_OPTIONS})
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -135,13 +157,24 @@ def _aligned(view, x: torch.Tensor, tensors) -> bool:
     return _view_facts(view, x.element_size())[1] and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+_plans: dict = {}   # the plans of the calls seen: a model makes a few dozen
+
+
 def _plan(op: str, view, x: torch.Tensor, tensors, tuned: bool = True,
           device: Optional[torch.device] = None) -> planner.Plan:
-    elem = x.element_size()
-    return planner.make_plan(op, view.n, view.c, view.s, view.channels_minor, elem,
-                             _view_facts(view, elem)[0], planner.device_info(device or x.device),
-                             _aligned(view, x, tensors), dtype=_DTYPE_NAMES.get(x.dtype),
-                             tuned=tuned)
+    aligned = _aligned(view, x, tensors)
+    device = device or x.device
+    key = (op, view, x.dtype, aligned, device, tuned, planner.state())
+    plan = _plans.get(key)
+    if plan is None:
+        elem = x.element_size()
+        plan = planner.make_plan(op, view.n, view.c, view.s, view.channels_minor, elem,
+                                 _view_facts(view, elem)[0], planner.device_info(device),
+                                 aligned, dtype=_DTYPE_NAMES.get(x.dtype), tuned=tuned)
+        if len(_plans) > 4096:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
 
 
 class Planned(NamedTuple):
@@ -159,20 +192,12 @@ def plan_for(op: str, x: torch.Tensor, tuned: bool = True,
     return Planned(view, _plan(op, view, x, [x], tuned, device), _aligned(view, x, [x]))
 
 
+_NO_STRIDES = (None, None, None)
+
+
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Per-channel tensors are indexed flat by the kernels."""
-    return None if t is None else t.contiguous()
-
-
-def _strides(view, i: int, present: bool):
-    """The i-th tensor's (stride_n, stride_c, stride_s), or Nones for an absent tensor."""
-    return view.strides[i] if present else (None, None, None)
-
-
-def _launch(kernel, grid, *args, plan: planner.Plan, **constexprs):
-    _run(kernel, grid, args, dict(BLOCK_N=plan.block_n, BLOCK_S=plan.block_s,
-                                  BLOCK_C=plan.block_c, USE_INT64=plan.use_int64,
-                                  num_warps=plan.num_warps, **constexprs))
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 # ---------------------------------------------------------------------- tensors the op updates
@@ -187,15 +212,17 @@ class _Updated:
     reshaped statistics, renorm); otherwise it is the op's ``new_<name>`` output.
     """
 
-    def __init__(self, given: Optional[torch.Tensor], updates: bool, in_place: bool,
+    __slots__ = ("given", "in_place", "read", "write")
+
+    def __init__(self, given: torch.Tensor, updates: bool, in_place: bool,
                  accumulates: bool = False, separate: bool = False):
         self.given, self.in_place = given, in_place
-        self.updates = updates and given is not None
-        self.read = None if given is None else given.contiguous().view(-1)
-        if not self.updates:
+        contiguous = given.is_contiguous()
+        self.read = given if contiguous and given.dim() == 1 else given.contiguous().view(-1)
+        if not updates:
             self.write = None
-        elif in_place and not separate and given.is_contiguous():
-            self.write = self.read          # a flat view of the caller's tensor
+        elif in_place and contiguous and not separate:
+            self.write = self.read          # the caller's own memory
         elif accumulates:
             self.write = self.read.clone()
         else:
@@ -203,7 +230,7 @@ class _Updated:
 
     def unchanged(self) -> None:
         """The kernels did not run (an empty batch): the new values are the old ones."""
-        if self.updates and self.write is not self.read:
+        if self.write is not None and self.write is not self.read:
             self.write.copy_(self.read)
 
     def finish(self) -> Optional[torch.Tensor]:
@@ -211,7 +238,7 @@ class _Updated:
         when the op does not update this argument."""
         if not self.in_place:
             return self.write
-        if self.updates and self.write is not self.read:
+        if self.write is not None and self.write is not self.read:
             with torch.no_grad():
                 self.given.copy_(self.write.view(self.given.shape))
         return None
@@ -227,15 +254,34 @@ UPDATES = {
     "overflow_max": lambda o: True,
 }
 assert set(UPDATES) == set(UPDATED)
+_ABSENT = None
 
 
-def _updated(a: ForwardArgs, o: Options, in_place: bool) -> dict:
-    # Renorm reads the running statistics of before this step in every program while the
-    # first program of each channel block writes the new ones: never the same memory.
-    separate = o.renorming
-    return {name: _Updated(getattr(a, name), UPDATES[name](o), in_place,
-                           accumulates=name.startswith("overflow"), separate=separate)
-            for name in UPDATED}
+class _Updates:
+    """The _Updated of each tensor of a call (None for absent ones), in UPDATED order, and their
+    ``reads`` / ``writes`` (None for absent ones) as the kernels take them."""
+
+    __slots__ = ("items", "reads", "writes")
+
+    def __init__(self, a: ForwardArgs, o: Options, in_place: bool):
+        # Renorm reads the running statistics of before this step in every program while the
+        # first program of each channel block writes the new ones: never the same memory.
+        separate = o.renorming
+        self.items = tuple(
+            None if given is None else _Updated(given, UPDATES[name](o), in_place,
+                                                name.startswith("overflow"), separate)
+            for name, given in zip(UPDATED, (a.running_mean, a.running_var, a.channel_batches,
+                                             a.overflow_count, a.overflow_max)))
+        self.reads = tuple(None if u is None else u.read for u in self.items)
+        self.writes = tuple(None if u is None else u.write for u in self.items)
+
+    def finish(self) -> tuple:
+        return tuple(None if u is None else u.finish() for u in self.items)
+
+
+_RM, _RV, _CB, _OC, _OM = range(5)      # positions in UPDATED
+assert UPDATED == ("running_mean", "running_var", "channel_batches", "overflow_count",
+                   "overflow_max")
 
 
 # ------------------------------------------------------------------------ synchronized calls
@@ -253,10 +299,12 @@ def _gather_moments(local: torch.Tensor, name: str) -> torch.Tensor:
     return out.view(world, *local.shape).transpose(0, 1).contiguous()
 
 
-def _sum_over_processes(local: torch.Tensor, name: str) -> torch.Tensor:
-    summed = local.clone()
-    dist.all_reduce(summed, group=_group(name))
-    return summed
+def _sums_over_processes(local: torch.Tensor, count: int, name: str) -> torch.Tensor:
+    """Local (2, C) sums -> (global sums / global count, as (2, C)): the means grad_input needs.
+    The element count rides along in the same all_reduce: no host sync, nothing stashed."""
+    with_count = torch.cat([local, local.new_full((1, local.shape[1]), float(count))])
+    dist.all_reduce(with_count, group=_group(name))
+    return with_count[:2] / with_count[2:].clamp(min=1.0)
 
 
 def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
@@ -264,8 +312,8 @@ def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
     q, k, c = part.shape
     out = torch.empty((q, c), dtype=part.dtype, device=part.device)
     block_c = 128  # (Q, K, C) is tiny: one pass of 128 channels per program, any K
-    _run(bn_merge_partials_kernel, (planner.cdiv(c, block_c),), (part, out, c, k),
-         dict(MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_C=block_c, num_warps=4))
+    _run(bn_merge_partials_kernel, (planner.cdiv(c, block_c),), (part, out), (c, k), (),
+         _constants(None, MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_C=block_c, num_warps=4))
     return out
 
 
@@ -275,32 +323,34 @@ def forward(a: ForwardArgs, o: Options, in_place: bool = True) -> tuple:
     """y = act(BN(x) + residual). Returns the op's outputs in FORWARD_OUTPUTS order:
     (y, save_mean, save_invstd, save_rd, new_running_mean, new_running_var,
     new_channel_batches, new_overflow_count, new_overflow_max). Statistics are float32 (float64
-    for float64 input); save_rd is renorm's (2, C) r and d, or empty. A ``new_`` output is the
+    for float64 input); save_rd is renorm's (2, C) r and d, or None. A ``new_`` output is a
     tensor with the updated values, None in place or when the op does not update that argument."""
     x = a.input
     c = x.shape[1]
-    acc = acc_dtype(x.dtype)
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     y = empty_output(x)
     save_mean = torch.empty(c, dtype=acc, device=x.device)
     save_invstd = torch.empty(c, dtype=acc, device=x.device)
-    save_rd = torch.empty((2, c) if o.renorming else (0,), dtype=acc, device=x.device)
-    upd = _updated(a, o, in_place)
+    save_rd = torch.empty((2, c), dtype=acc, device=x.device) if o.renorming else None
+    upd = _Updates(a, o, in_place)
     saves = (save_mean, save_invstd, save_rd)
     if x.numel() == 0 and o.group is None:
         # torch leaves the running statistics alone on an empty batch; nothing to normalize.
         for t in saves:
-            t.zero_()
-        for u in upd.values():
-            u.unchanged()
+            if t is not None:
+                t.zero_()
+        for u in upd.items:
+            if u is not None:
+                u.unchanged()
     elif uses_reference(x):
         warn_reference_path()
         _reference_forward(a, o, y, saves, upd)
     else:
         _kernel_forward(a, o, y, saves, upd)
-    return (y, *saves, *(upd[name].finish() for name in UPDATED))
+    return (y, *saves, *upd.finish())
 
 
-def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd) -> None:
+def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd: _Updates) -> None:
     """The same steps in float64 torch: local moments, [exchange], normalize."""
     x = a.input
     part = None
@@ -308,82 +358,101 @@ def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd) -> None:
         part = reference.moments(x).to(saves[0].dtype).unsqueeze(1)   # (3, 1, C)
         if o.group is not None:
             part = _gather_moments(part[:, 0], o.group)
-    rm, rv = upd["running_mean"], upd["running_var"]
-    out = reference.forward_apply(a, o, part, rm.read, rv.read, upd["channel_batches"].read)
+    out = reference.forward_apply(a, o, part, upd.reads[_RM], upd.reads[_RV], upd.reads[_CB])
     y.copy_(reference.fit(out.y, y.dtype, o.saturate))
     for t, v in zip(saves, (out.mean, out.invstd, out.rd)):
-        if t.numel():
+        if t is not None:
             t.copy_(v)
-    for name, value in (("running_mean", out.new_mean), ("running_var", out.new_var),
-                        ("channel_batches", out.new_counts)):
-        u = upd[name]
-        if u.updates and value is not None:
-            u.write.copy_(reference.fit(value, u.write.dtype, o.saturate))
-        elif u.updates:
-            u.unchanged()
+    for i, value in ((_RM, out.new_mean), (_RV, out.new_var), (_CB, out.new_counts)):
+        u = upd.items[i]
+        if u is not None and u.write is not None:
+            if value is None:
+                u.unchanged()
+            else:
+                u.write.copy_(reference.fit(value, u.write.dtype, o.saturate))
     if a.overflow_count is not None:
         count, biggest = reference.overflow(out.y, y.dtype)
-        upd["overflow_count"].write.add_(count)
-        w = upd["overflow_max"].write
+        upd.writes[_OC].add_(count)
+        w = upd.writes[_OM]
         w.copy_(torch.maximum(w, biggest.to(w.dtype)))
 
 
-def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd) -> None:
+class _ForwardSpec(NamedTuple):
+    """What a forward's launches take that depends only on its plan and options (cached)."""
+    onepass: direct_launch.Constants     # bn_fwd_onepass_kernel's constants
+    stats: direct_launch.Constants       # bn_stats_partial_kernel's
+    apply: direct_launch.Constants       # bn_fwd_apply_kernel's
+    floats: tuple                        # (momentum, eps, slope, rmax, dmax)
+    reads_batches: bool                  # the kernel reads the module's batch counter
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_b: bool,
+                  has_res: bool, per_channel: bool, counting: bool,
+                  update: bool) -> _ForwardSpec:
+    # momentum=None: the weight 1 / (batches + 1) from per-channel counts, else the module's
+    cumulative = 0 if not (o.training and o.cumulative) else (2 if per_channel else 1)
+    warmup = o.renorming and o.warmup_steps > 0
+    rmax, dmax = o.renorm if o.renorming else (1.0, 0.0)
+    acc = tl.float64 if acc64 else tl.float32
+    flags = dict(ACC=acc, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=o.act_code,
+                 RENORM=o.renorming, WARMUP=warmup, SKIP_NONFINITE=o.skip_nonfinite,
+                 CUMULATIVE=cumulative, SATURATE=o.saturate, COUNT_OVERFLOW=counting)
+    return _ForwardSpec(
+        _constants(plan, UPDATE_RUNNING=update, **flags), _constants(plan, ACC=acc),
+        _constants(plan, TRAINING=o.training, UPDATE_RUNNING=update, **flags),
+        (float(o.momentum), float(o.eps), float(o.negative_slope), float(rmax), float(dmax)),
+        cumulative == 1 or warmup)
+
+
+def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: _Updates) -> None:
     x, residual = a.input, a.residual
     save_mean, save_invstd, save_rd = saves
     c = x.shape[1]
-    acc = save_mean.dtype
     view, x, others = _view_or_copy(x, [y, residual])
     assert others[0] is y, "outputs are allocated in a format that always has a plane view"
     res = others[1]
     has_res = res is not None
     plan = _plan("fwd_train" if o.training else "fwd_eval", view, x,
-                 [x, y] + ([res] if has_res else []))
-    strides = (*view.strides[0], *view.strides[1], *_strides(view, 2, has_res))
-    rm, rv, cb = upd["running_mean"], upd["running_var"], upd["channel_batches"]
-    update = o.training and rm.read is not None
-    cumulative = 0 if not (o.training and o.cumulative) else (2 if cb.read is not None else 1)
-    warmup = o.renorming and o.warmup_steps > 0
-    rmax, dmax = o.renorm if o.renorming else (1.0, 0.0)
-    counting = a.overflow_count is not None
-    common = dict(ACC=_tl(acc), HAS_W=a.weight is not None, HAS_B=a.bias is not None,
-                  HAS_RES=has_res, ACT=o.act_code, RENORM=o.renorming, WARMUP=warmup,
-                  SKIP_NONFINITE=o.skip_nonfinite, CUMULATIVE=cumulative, SATURATE=o.saturate,
-                  COUNT_OVERFLOW=counting, plan=plan)
-    scalars = (float(o.momentum), float(o.eps), float(o.negative_slope), float(rmax),
-               float(dmax), int(o.warmup_steps))
-    batches = a.batches if (cumulative == 1 or warmup) else None
-    stats = (rm.read, rv.read, rm.write, rv.write, batches, cb.read, cb.write,
-             _contiguous(a.weight), _contiguous(a.bias), save_mean, save_invstd,
-             save_rd if o.renorming else None,
-             upd["overflow_count"].write, upd["overflow_max"].write)
+                 (x, y, res) if has_res else (x, y))
+    sizes = (view.n, c, view.s, *view.strides[0], *view.strides[1],
+             *(view.strides[2] if has_res else _NO_STRIDES))
+    reads, writes = upd.reads, upd.writes
+    spec = _forward_spec(plan, o, save_mean.dtype is torch.float64, a.weight is not None,
+                         a.bias is not None, has_res, reads[_CB] is not None,
+                         a.overflow_count is not None, o.training and reads[_RM] is not None)
+    tensors = (reads[_RM], reads[_RV], writes[_RM], writes[_RV],
+               a.batches if spec.reads_batches else None, reads[_CB], writes[_CB],
+               _contiguous(a.weight), _contiguous(a.bias), save_mean, save_invstd, save_rd,
+               writes[_OC], writes[_OM])
     c_blocks = planner.cdiv(c, plan.block_c)
 
     if o.training and plan.variant == "onepass" and o.group is None:
-        _launch(bn_fwd_onepass_kernel, (c_blocks,), x, y, res, *stats, view.n, c, view.s,
-                *strides, *scalars, UPDATE_RUNNING=update, **common)
+        _run(bn_fwd_onepass_kernel, (c_blocks,), (x, y, res, *tensors),
+             (*sizes, o.warmup_steps), spec.floats, spec.onepass)
         return
     # An empty batch in a synchronized step still finalizes the shared statistics (so every
     # process updates its running statistics alike): its grid has one program and no tiles.
     n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
     part, part_splits = None, 0
     if o.training:
-        part, part_splits = torch.empty((3, splits, c), dtype=acc, device=x.device), splits
-        _launch(bn_stats_partial_kernel, (c_blocks, splits), x, part, view.n, c, view.s,
-                *strides[:3], n_tiles_s, n_tiles, per_split, ACC=_tl(acc), plan=plan)
+        part = torch.empty((3, splits, c), dtype=save_mean.dtype, device=x.device)
+        part_splits = splits
+        _run(bn_stats_partial_kernel, (c_blocks, splits), (x, part),
+             (*sizes[:6], n_tiles_s, n_tiles, per_split), (), spec.stats)
         if o.group is not None:
             part = _gather_moments(merge_partials(part, moments=True), o.group)
             part_splits = part.shape[1]
-    _launch(bn_fwd_apply_kernel, (c_blocks, splits), x, y, res, part, *stats, view.n, c, view.s,
-            *strides, n_tiles_s, n_tiles, per_split, part_splits, *scalars,
-            TRAINING=o.training, UPDATE_RUNNING=update, **common)
+    _run(bn_fwd_apply_kernel, (c_blocks, splits), (x, y, res, part, *tensors),
+         (*sizes, n_tiles_s, n_tiles, per_split, part_splits, o.warmup_steps), spec.floats,
+         spec.apply)
 
 
 # --------------------------------------------------------------------------------- backward
 
 def backward(a: BackwardArgs, o: Options, param_grads: bool) -> tuple:
     """Backward of y = act(BN(x) + residual): (grad_input, grad_weight, grad_bias,
-    grad_residual). Parameter gradients are in the statistics' dtype; grad_residual is empty
+    grad_residual). Parameter gradients are in the statistics' dtype; grad_residual is None
     without an activation (it is grad_output itself). With ``Options.group`` grad_input uses the
     sums over every process's batch; grad_weight / grad_bias stay this process's own, as in
     torch (DistributedDataParallel averages them)."""
@@ -391,8 +460,7 @@ def backward(a: BackwardArgs, o: Options, param_grads: bool) -> tuple:
     c = x.shape[1]
     acc = a.save_mean.dtype
     dx = empty_output(x)
-    write_dres = residual is not None and o.activation is not None
-    dres = empty_output(residual) if write_dres else x.new_empty((0,))
+    dres = empty_output(residual) if residual is not None and o.activation is not None else None
     dw = torch.empty(c, dtype=acc, device=x.device)
     db = torch.empty(c, dtype=acc, device=x.device)
     if x.numel() == 0 and o.group is None:
@@ -400,18 +468,10 @@ def backward(a: BackwardArgs, o: Options, param_grads: bool) -> tuple:
         db.zero_()
     elif uses_reference(x):
         warn_reference_path()
-        _reference_backward(a, o, dx, dw, db, dres if write_dres else None)
+        _reference_backward(a, o, dx, dw, db, dres)
     else:
-        _kernel_backward(a, o, param_grads, dx, dw, db, dres if write_dres else None)
+        _kernel_backward(a, o, param_grads, dx, dw, db, dres)
     return dx, dw, db, dres
-
-
-def _sums_over_processes(local: torch.Tensor, count: int, name: str):
-    """Local (2, C) sums -> (global sums / global count, as (2, C)): the means dx needs. The
-    element count rides along in the same all_reduce, so no host sync and no stash."""
-    with_count = torch.cat([local, local.new_full((1, local.shape[1]), float(count))])
-    summed = _sum_over_processes(with_count, name)
-    return summed[:2] / summed[2:].clamp(min=1.0)
 
 
 def _reference_backward(a: BackwardArgs, o: Options, dx, dw, db, dres) -> None:
@@ -429,10 +489,32 @@ def _reference_backward(a: BackwardArgs, o: Options, dx, dw, db, dres) -> None:
     db.copy_(sums[0])
 
 
+class _BackwardSpec(NamedTuple):
+    """What a backward's launches take that depends only on its plan and options (cached)."""
+    onepass: direct_launch.Constants     # bn_bwd_onepass_kernel's constants
+    partial: direct_launch.Constants     # bn_bwd_partial_kernel's
+    apply: direct_launch.Constants       # bn_bwd_apply_kernel's
+    slope: tuple                         # (negative_slope,)
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_b: bool,
+                   has_res: bool, renorm: bool, write_dres: bool,
+                   write_sums: bool) -> _BackwardSpec:
+    flags = dict(ACC=tl.float64 if acc64 else tl.float32, HAS_W=has_w, HAS_B=has_b,
+                 HAS_RES=has_res, ACT=o.act_code, RENORM=renorm)
+    return _BackwardSpec(
+        _constants(plan, TRAINING=o.training, WRITE_DRES=write_dres, SATURATE=o.saturate,
+                   **flags),
+        _constants(plan, **flags),
+        _constants(plan, TRAINING=o.training, WRITE_SUMS=write_sums, WRITE_DRES=write_dres,
+                   SATURATE=o.saturate, **flags),
+        (float(o.negative_slope),))
+
+
 def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db, dres) -> None:
     x, residual, dy = a.input, a.residual, a.grad_output
     c = x.shape[1]
-    acc = a.save_mean.dtype
     write_dres = dres is not None
     view, x, others = _view_or_copy(x, [dy, dx, residual, dres])
     dy, res = others[0], others[2]
@@ -440,48 +522,45 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
         "outputs are allocated in a format that always has a plane view"
     has_res = res is not None
     need_sums = param_grads or o.training
-    renorm = a.save_rd.numel() > 0
+    rd = a.save_rd if a.save_rd is not None and a.save_rd.numel() else None
     # Eval backward without parameter grads is one element-wise pass, planned like eval forward.
     op = "bwd_train" if o.training else ("bwd_eval" if need_sums else "fwd_eval")
     plan = _plan(op, view, x, [t for t in (x, dy, dx, res, dres) if t is not None])
-    s_x, s_dy, s_dx = view.strides[0], view.strides[1], view.strides[2]
-    s_res, s_dres = _strides(view, 3, has_res), _strides(view, 4, write_dres)
-    params = (_contiguous(a.weight), _contiguous(a.bias), a.save_rd if renorm else None)
-    common = dict(ACC=_tl(acc), HAS_W=a.weight is not None, HAS_B=a.bias is not None,
-                  HAS_RES=has_res, ACT=o.act_code, RENORM=renorm, plan=plan)
+    strides = (*view.strides[0], *view.strides[1], *view.strides[2],
+               *(view.strides[3] if has_res else _NO_STRIDES),
+               *(view.strides[4] if write_dres else _NO_STRIDES))
+    params = (a.save_mean, a.save_invstd, _contiguous(a.weight), _contiguous(a.bias), rd)
+    synchronized = o.group is not None
+    spec = _backward_spec(plan, o, a.save_mean.dtype is torch.float64, a.weight is not None,
+                          a.bias is not None, has_res, rd is not None, write_dres,
+                          need_sums and not synchronized)
     c_blocks = planner.cdiv(c, plan.block_c)
-    slope = float(o.negative_slope)
 
-    if plan.variant == "onepass" and o.group is None:
-        _launch(bn_bwd_onepass_kernel, (c_blocks,), x, dy, dx, res, dres, a.save_mean,
-                a.save_invstd, *params, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res,
-                *s_dres, slope, TRAINING=o.training, WRITE_DRES=write_dres,
-                SATURATE=o.saturate, **common)
+    if plan.variant == "onepass" and not synchronized:
+        _run(bn_bwd_onepass_kernel, (c_blocks,), (x, dy, dx, res, dres, *params, dw, db),
+             (view.n, c, view.s, *strides), spec.slope, spec.onepass)
         return
 
     n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
     part, part_splits, total = None, 0, float(view.n * view.s)
     if need_sums:
-        part = torch.empty((2, splits, c), dtype=acc, device=x.device)
-        _launch(bn_bwd_partial_kernel, (c_blocks, splits), x, dy, res, a.save_mean,
-                a.save_invstd, *params, part, view.n, c, view.s, *s_x, *s_dy, *s_res, n_tiles_s,
-                n_tiles, per_split, slope, **common)
+        part = torch.empty((2, splits, c), dtype=a.save_mean.dtype, device=x.device)
+        _run(bn_bwd_partial_kernel, (c_blocks, splits), (x, dy, res, *params, part),
+             (view.n, c, view.s, *strides[:6], *strides[9:12], n_tiles_s, n_tiles, per_split),
+             spec.slope, spec.partial)
         part_splits = splits
-    write_sums = need_sums
-    if o.group is not None:
+    if synchronized:
         local = merge_partials(part, moments=False)           # this process's own sums
         db.copy_(local[0])
-        r, d = (a.save_rd[0], a.save_rd[1]) if renorm else (1.0, 0.0)
+        r, d = (rd[0], rd[1]) if rd is not None else (1.0, 0.0)
         dw.copy_(r * local[1] + d * local[0])
         part = _sums_over_processes(local, view.n * view.s, o.group).reshape(2, 1, c)
-        part_splits, total, write_sums = 1, 1.0, False      # the kernel gets means
+        part_splits, total = 1, 1.0                           # the kernel gets means
     elif not need_sums:
         dw.zero_()
         db.zero_()
     if x.numel() == 0:
         return
-    _launch(bn_bwd_apply_kernel, (c_blocks, splits), x, dy, dx, res, dres, a.save_mean,
-            a.save_invstd, *params, part, dw, db, view.n, c, view.s, *s_x, *s_dy, *s_dx, *s_res,
-            *s_dres, n_tiles_s, n_tiles, per_split, part_splits, total, slope,
-            TRAINING=o.training, WRITE_SUMS=write_sums, WRITE_DRES=write_dres,
-            SATURATE=o.saturate, **common)
+    _run(bn_bwd_apply_kernel, (c_blocks, splits), (x, dy, dx, res, dres, *params, part, dw, db),
+         (view.n, c, view.s, *strides, n_tiles_s, n_tiles, per_split, part_splits),
+         (total, *spec.slope), spec.apply)

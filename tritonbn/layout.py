@@ -16,9 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch._prims_common import suggest_memory_format
 
+from ._frozen import cached_hash
+
 __all__ = ["PlaneView", "plane_view", "output_memory_format", "empty_output", "max_offset"]
 
 
+@cached_hash
 @dataclass(frozen=True)
 class PlaneView:
     n: int                              # samples (1 once folded into the positions)

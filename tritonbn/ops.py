@@ -57,7 +57,7 @@ batch_norm_forward.register_fake(_forward_fake)
 def _backward_impl(*args) -> tuple:
     a = BackwardArgs(*args[:len(BACKWARD_ARGS)])
     o, param_grads = Options.decode(args[-2]), args[-1]
-    return launch.backward(a, o, param_grads)
+    return _fill(launch.backward(a, o, param_grads), a.input)
 
 
 def _backward_fake(*args) -> tuple:
@@ -97,70 +97,100 @@ def _save(ctx, o: Options, a: ForwardArgs, outputs) -> None:
     """What backward needs: x, the parameters, the residual (only to recompute the activation's
     input) and the float32 statistics; non-tensor facts on ctx."""
     _y, save_mean, save_invstd, save_rd = outputs[:4]
-    ctx.mark_non_differentiable(*(t for t in outputs[1:] if isinstance(t, Tensor)))
     ctx.save_for_backward(a.input, a.weight, a.bias,
                           a.residual if o.activation else None, save_mean, save_invstd, save_rd)
     ctx.options = o
     ctx.res_dtype = None if a.residual is None else a.residual.dtype
 
 
+# Where each gradient goes in the tuple autograd expects for (options, *FORWARD_ARGS).
+_SLOTS = {a.name: 1 + i for i, a in enumerate(FORWARD_ARGS) if a.grad}
+_NO_GRADS = (None,) * (1 + len(FORWARD_ARGS))
+
+
 def _backward(ctx, grad_y) -> tuple:
     """The gradient tuple for (options, *FORWARD_ARGS), built from the argument descriptions."""
     input, weight, bias, residual, save_mean, save_invstd, save_rd = ctx.saved_tensors
     o: Options = ctx.options
-    needs = dict(zip((a.name for a in FORWARD_ARGS), ctx.needs_input_grad[1:]))
+    needs = ctx.needs_input_grad
     b = BackwardArgs(grad_y, input, weight, bias, residual, save_mean, save_invstd, save_rd)
-    param_grads = needs["weight"] or needs["bias"]
+    need_w, need_b = needs[_SLOTS["weight"]], needs[_SLOTS["bias"]]
     # With create_graph=True the backward itself is recorded: the op then raises autograd's
     # clear "no autograd formula" error, where the kernels would return gradients without
     # history and so silently drop the second-order terms.
     if _direct(grad_y) and not torch.is_grad_enabled():
-        dx, dw, db, dres = launch.backward(b, o, param_grads)
+        dx, dw, db, dres = launch.backward(b, o, need_w or need_b)
     else:
-        dx, dw, db, dres = batch_norm_backward(*b, o.encode(), param_grads)
-    grads = {"input": dx,
-             "weight": dw.to(weight.dtype) if needs["weight"] else None,
-             "bias": db.to(bias.dtype) if needs["bias"] else None,
-             # y = BN(x) + residual without an activation: the residual's gradient is grad_y
-             "residual": (dres if o.activation else grad_y).to(ctx.res_dtype)
-             if needs["residual"] else None}
-    return (None, *(grads.get(a.name) if a.grad and needs[a.name] else None
-                    for a in FORWARD_ARGS))
+        dx, dw, db, dres = batch_norm_backward(*b, o.encode(), need_w or need_b)
+    grads = list(_NO_GRADS)
+    if needs[_SLOTS["input"]]:
+        grads[_SLOTS["input"]] = dx
+    if need_w:
+        grads[_SLOTS["weight"]] = dw if dw.dtype is weight.dtype else dw.to(weight.dtype)
+    if need_b:
+        grads[_SLOTS["bias"]] = db if db.dtype is bias.dtype else db.to(bias.dtype)
+    if needs[_SLOTS["residual"]]:
+        # y = BN(x) + residual without an activation: the residual's gradient is grad_y
+        g = dres if o.activation else grad_y
+        grads[_SLOTS["residual"]] = g if g.dtype is ctx.res_dtype else g.to(ctx.res_dtype)
+    return tuple(grads)
+
+
+def _run_forward(o: Options, a: ForwardArgs) -> tuple:
+    """The forward without autograd: the launchers directly (updating in place), or, for
+    tracers, the custom op (whose new values the caller copies back)."""
+    if _direct(a.input):
+        out = launch.forward(a, o, in_place=True)
+        # The kernels wrote raw memory: bump the version counters as an in-place op would, so
+        # autograd still catches a saved running statistic modified afterwards.
+        increment_version([t for name in UPDATED if launch.UPDATES[name](o)
+                           and (t := getattr(a, name)) is not None])
+        return out
+    return batch_norm_forward(*a, o.encode())
+
+
+def _needs_grad(a: ForwardArgs) -> bool:
+    return torch.is_grad_enabled() and (
+        a.input.requires_grad or (a.weight is not None and a.weight.requires_grad)
+        or (a.bias is not None and a.bias.requires_grad)
+        or (a.residual is not None and a.residual.requires_grad))
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Autograd for the op: forward(options, *FORWARD_ARGS) -> FORWARD_OUTPUTS.
+    """Autograd for the op: forward(options, *FORWARD_ARGS) -> (y, *new values).
 
-    Plain eager calls run the launchers directly, which update the tensors in place (the
-    ``new_`` outputs are then None); under tracers the forward is the custom op, whose ``new_``
-    outputs ``batch_norm_op`` copies back."""
+    Plain eager calls run the launchers directly, which update the tensors in place: the new
+    values are None. Under tracers the forward is the custom op, whose ``new_`` outputs (not
+    differentiable) ``batch_norm_op`` copies back. The arity is the same either way (a
+    torch.jit trace replays the Function eagerly)."""
 
     @staticmethod
     def forward(ctx, o: Options, *tensors):
         a = ForwardArgs(*tensors)
-        if _direct(a.input):
-            out = launch.forward(a, o, in_place=True)
-            # The kernels wrote raw memory: bump the version counters as an in-place op
-            # would, so autograd still catches a saved running statistic modified afterwards.
-            increment_version([t for name in UPDATED if launch.UPDATES[name](o)
-                               and (t := getattr(a, name)) is not None])
-        else:
-            out = batch_norm_forward(*tensors, o.encode())
+        out = _run_forward(o, a)
         _save(ctx, o, a, out)
-        return out
+        if out[4] is not None:
+            ctx.mark_non_differentiable(*out[4:])
+        return (out[0], *out[4:])
 
     @staticmethod
     def backward(ctx, grad_y, *_grads_of_the_rest):
         return _backward(ctx, grad_y)
 
 
-def batch_norm_op(o: Options, a: ForwardArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run the forward with autograd: (y, save_mean, save_invstd, save_rd). The tensors the op
+def batch_norm_op(o: Options, a: ForwardArgs) -> Tensor:
+    """Run the forward, with autograd when a gradient is wanted; returns y. The tensors the op
     updates hold their new values afterwards, whichever path ran."""
-    out = BatchNormFunction.apply(o, *a)
-    with torch.no_grad():
-        for name, new in zip(UPDATED, out[4:]):
-            given = getattr(a, name)
-            if new is not None and given is not None and launch.UPDATES[name](o):
-                given.copy_(new.view(given.shape))     # the custom op's new values
-    return out[:4]
+    if _needs_grad(a):
+        out = BatchNormFunction.apply(o, *a)
+        y, new = out[0], out[1:]
+    else:
+        out = _run_forward(o, a)
+        y, new = out[0], out[4:]
+    if new[0] is not None:                  # the custom op: copy its new values back
+        with torch.no_grad():
+            for name, t in zip(UPDATED, new):
+                given = getattr(a, name)
+                if given is not None and launch.UPDATES[name](o):
+                    given.copy_(t.view(given.shape))
+    return y

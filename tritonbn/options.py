@@ -18,6 +18,7 @@ from dataclasses import astuple, dataclass
 
 import torch
 
+from ._frozen import cached_hash
 from .activations import get as get_activation
 
 __all__ = ["Options", "TensorArg", "FORWARD_ARGS", "BACKWARD_ARGS", "ForwardArgs",
@@ -31,6 +32,7 @@ OVERFLOW_POLICIES = ("propagate", "saturate")
 NONFINITE_POLICIES = ("propagate", "skip")
 
 
+@cached_hash
 @dataclass(frozen=True)
 class Options:
     """The non-tensor arguments of one batch-norm call."""
@@ -108,7 +110,7 @@ BACKWARD_ARGS = (
     TensorArg("residual"),
     TensorArg("save_mean", required=True),
     TensorArg("save_invstd", required=True),
-    TensorArg("save_rd", required=True),
+    TensorArg("save_rd"),                    # renorm's (r, d); None (or empty) without renorm
 )
 ForwardArgs = collections.namedtuple("ForwardArgs", [a.name for a in FORWARD_ARGS],
                                      defaults=[None] * (len(FORWARD_ARGS) - 1))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tuning_table
+from ._frozen import cached_hash
 from ._runtime import interpreter_enabled
 from .options import OPS
 
@@ -26,6 +27,7 @@ __all__ = ["OPS", "DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan
 
 
 
+@cached_hash
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str            # e.g. "NVIDIA H100 80GB HBM3" or "triton-interpreter"
@@ -68,6 +70,7 @@ def device_info(device: torch.device) -> DeviceInfo:
     return INTERPRETER
 
 
+@cached_hash
 @dataclass(frozen=True)
 class Plan:
     variant: str        # "onepass": the whole plane in one tile; "split": tiles over (C blocks, splits)
@@ -82,6 +85,13 @@ class Plan:
     @property
     def tile(self) -> int:
         return self.block_n * self.block_s * self.block_c
+
+    @functools.cached_property
+    def constants(self) -> dict:
+        """The plan's compile-time constants and num_warps, as every kernel launch takes them
+        (made once per plan: plans are cached)."""
+        return dict(BLOCK_N=self.block_n, BLOCK_S=self.block_s, BLOCK_C=self.block_c,
+                    USE_INT64=self.use_int64, num_warps=self.num_warps)
 
 
 def _warps(tile: int, aligned: bool) -> int:
@@ -134,7 +144,7 @@ LAUNCH_BOUND_ELEMS = 1 << 20
 INT32_LIMIT = 2**31 - 1
 
 
-_forced: dict | None = None
+_forced: tuple | None = None   # the fields forced_plan imposes, as sorted items
 
 
 @contextlib.contextmanager
@@ -144,7 +154,7 @@ def forced_plan(**fields):
     unknown = set(fields) - {f.name for f in dataclasses.fields(Plan)}
     if unknown:
         raise TypeError(f"forced_plan: unknown plan fields {sorted(unknown)}")
-    previous, _forced = _forced, dict(fields)
+    previous, _forced = _forced, tuple(sorted(fields.items()))
     try:
         yield
     finally:
@@ -153,7 +163,7 @@ def forced_plan(**fields):
 
 def forced_fields() -> dict:
     """The plan fields ``forced_plan`` imposes right now (empty outside it)."""
-    return dict(_forced or {})
+    return dict(_forced or ())
 
 
 def make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes: int,
@@ -173,13 +183,24 @@ def make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes:
     else:
         plan = _make_plan(op, n, c, s, channels_minor, elem_bytes, use_int64, device, aligned)
     if _forced:
-        plan = _apply_forced(plan, n, s)
+        plan = _apply_forced(plan, n, s, _forced)
     return plan
+
+
+_generation = 0   # counts reload_tuning_table calls: plans made before are stale
+
+
+def state() -> tuple:
+    """What besides a call's own facts decides its plan: the device planned for, forced fields,
+    the tuning table's generation. Callers that keep plans key them on this too."""
+    return _device_override, _forced, _generation
 
 
 def reload_tuning_table() -> None:
     """Re-read the tuning table on the next plan (after ``tritonbn tune`` wrote it, or after
     $TRITONBN_TUNING_TABLE changed) and forget the plans made from the old one."""
+    global _generation
+    _generation += 1
     tuning_table.clear_cache()
     _planned.cache_clear()
 
@@ -237,8 +258,9 @@ def _from_table(hit, heuristic: Plan, op: str, n: int, c: int, s: int, use_int64
                 f"tuned ({hit.path}): {hit.describe()}")
 
 
-def _apply_forced(plan: Plan, n: int, s: int) -> Plan:
-    fields = dict(_forced)
+@functools.lru_cache(maxsize=1024)  # tuning and the host benchmark force plans in loops
+def _apply_forced(plan: Plan, n: int, s: int, forced: tuple) -> Plan:
+    fields = dict(forced)
     if fields.get("variant") == "onepass" and plan.variant != "onepass":
         # A one-pass tile must cover the plane; derive its blocks unless they were given.
         fields.setdefault("block_n", _pow2(n))

@@ -153,7 +153,7 @@ def _preactivation(x, mean, invstd, weight, bias, r, d, residual):
 
 def renorm_factors(a: BackwardArgs):
     """Renorm's saved (r, d) in float64, or (1, 0)."""
-    if a.save_rd.numel():
+    if a.save_rd is not None and a.save_rd.numel():
         return a.save_rd[0].double(), a.save_rd[1].double()
     return 1.0, 0.0
 

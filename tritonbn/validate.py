@@ -65,41 +65,39 @@ def check_options(o: Options) -> None:
             raise ValueError(f"batch_renorm: warmup_steps must be >= 0, got {o.warmup_steps}")
 
 
-def _check_param(name: str, t, input: torch.Tensor, c: int) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
+def _check_param(name: str, t, device, dtype, c: int) -> None:
+    if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor):
         raise TypeError(f"batch_norm: {name} must be a Tensor or None, got {type(t).__name__}")
-    if t.device != input.device:
+    if t.device != device:
         raise RuntimeError(
             f"batch_norm: expected all tensors to be on the same device, but input is on "
-            f"{input.device} and {name} is on {t.device}")
+            f"{device} and {name} is on {t.device}")
     if t.numel() != c:
         raise RuntimeError(f"batch_norm: {name} should contain {c} elements (one per feature), "
                            f"not {t.numel()} (shape {tuple(t.shape)})")
-    if t.dtype not in (torch.float32, input.dtype):
+    if t.dtype is not torch.float32 and t.dtype is not dtype:
         raise RuntimeError(f"batch_norm: {name} has dtype {t.dtype}; expected float32 or the "
-                           f"input's dtype {input.dtype}")
+                           f"input's dtype {dtype}")
 
 
-def _check_running(name: str, t, input: torch.Tensor, o: Options, per_activation: bool) -> None:
+def _check_running(name: str, t, input: torch.Tensor, o: Options, per_activation: bool,
+                   grad: bool) -> None:
     """torch's rules for a running statistic, beyond its size and dtype."""
-    if t is None:
-        return
     if not per_activation and t.dim() != 1:
         raise RuntimeError(f"batch_norm: {name} must be a 1-D tensor of {input.shape[1]} "
                            f"elements, got shape {tuple(t.shape)}")
-    if torch.is_grad_enabled() and t.requires_grad:
+    if grad and t.requires_grad:
         raise RuntimeError(f"batch_norm: {name} requires grad, but running statistics are not "
                            f"differentiable (detach it, or update it under torch.no_grad())")
     if torch.compiler.is_compiling():
         return  # the checks below read tensor facts Dynamo cannot trace; eager calls make them
-    if torch.is_grad_enabled() and input.requires_grad and t.is_inference():
+    if grad and input.requires_grad and t.is_inference():
         # torch saves the running statistics for backward, which inference tensors forbid
         raise RuntimeError(f"batch_norm: {name} is an inference tensor (made under "
                            f"torch.inference_mode()): inference tensors cannot be saved for "
                            f"backward; clone it outside inference mode")
-    if o.training and t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+    if o.training and not t.is_contiguous() and t.numel() > 1 \
+            and torch._debug_has_internal_overlap(t) == 1:
         # An expanded (stride-0) statistic: every channel's update lands on the same memory,
         # an order-dependent result (torch on CPU) or a race (on a GPU). Refused before any
         # kernel runs, so neither running statistic changes.
@@ -108,28 +106,41 @@ def _check_running(name: str, t, input: torch.Tensor, o: Options, per_activation
                            f"update it in training")
 
 
-def _check_counter(name: str, t, input: torch.Tensor, numel: int, dtype: torch.dtype) -> None:
-    if t is None:
-        return
+def _check_counter(name: str, t, device, numel: int, dtype: torch.dtype) -> None:
     if not (isinstance(t, torch.Tensor) and t.numel() == numel and t.dtype == dtype
-            and t.device == input.device):
+            and t.device == device):
         what = (f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor)
                 else type(t).__name__)
         raise RuntimeError(f"batch_norm: {name} must be a {dtype} tensor of {numel} elements "
-                           f"on {input.device}, got {what}")
+                           f"on {device}, got {what}")
+
+
+def _check_residual(residual, input: torch.Tensor) -> None:
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"batch_norm: residual must be a Tensor or None, got "
+                        f"{type(residual).__name__}")
+    if residual.device != input.device:
+        raise RuntimeError(f"batch_norm: expected all tensors to be on the same device, but "
+                           f"input is on {input.device} and residual is on {residual.device}")
+    if residual.shape != input.shape:
+        raise RuntimeError(f"batch_norm: residual must have the input's shape "
+                           f"{tuple(input.shape)}, got {tuple(residual.shape)}")
+    if not residual.is_floating_point():
+        raise NotImplementedError(f'"batch_norm" residual not implemented for {residual.dtype}')
 
 
 def check_tensors(input, o: Options, running_mean, running_var, weight, bias, residual,
                   batches, channel_batches, overflow_stats, per_activation: bool) -> None:
     """``per_activation``: statistics per (channel, position), so parameters have C * S
-    elements."""
-    if not isinstance(input, torch.Tensor):
+    elements. Every call runs this: it is written for speed (locals, identity tests)."""
+    if type(input) is not torch.Tensor and not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
     if input.dim() < 2:
         raise RuntimeError(f"batch_norm: expected an input of shape (N, C, ...) with at least "
                            f"2 dimensions, got {input.dim()}-D input of shape {tuple(input.shape)}")
-    if not input.is_floating_point():
-        raise NotImplementedError(f'"batch_norm" not implemented for {input.dtype}: '
+    dtype, device = input.dtype, input.device
+    if not dtype.is_floating_point:
+        raise NotImplementedError(f'"batch_norm" not implemented for {dtype}: '
                                   f"tritonbn supports float16, bfloat16, float32 and float64")
     if not o.training:
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
@@ -142,28 +153,23 @@ def check_tensors(input, o: Options, running_mean, running_var, weight, bias, re
         raise ValueError("batch_renorm: running_mean and running_var are required (r and d "
                          "are measured against them)")
     c = math.prod(input.shape[1:]) if per_activation else input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        _check_param(name, t, input, c)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_running(name, t, input, o, per_activation)
-    if o.training and input.numel() == c and input.numel() > 0 and o.group is None:
+    if weight is not None:
+        _check_param("weight", weight, device, dtype, c)
+    if bias is not None:
+        _check_param("bias", bias, device, dtype, c)
+    if running_mean is not None:
+        grad = torch.is_grad_enabled()
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            _check_param(name, t, device, dtype, c)
+            _check_running(name, t, input, o, per_activation, grad)
+    if o.training and o.group is None and input.numel() == c and c > 0:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{tuple(input.shape)}")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor):
-            raise TypeError(f"batch_norm: residual must be a Tensor or None, got "
-                            f"{type(residual).__name__}")
-        if residual.device != input.device:
-            raise RuntimeError(f"batch_norm: expected all tensors to be on the same device, but "
-                               f"input is on {input.device} and residual is on {residual.device}")
-        if residual.shape != input.shape:
-            raise RuntimeError(f"batch_norm: residual must have the input's shape "
-                               f"{tuple(input.shape)}, got {tuple(residual.shape)}")
-        if not residual.is_floating_point():
-            raise NotImplementedError(f'"batch_norm" residual not implemented for '
-                                      f"{residual.dtype}")
-    _check_counter("batches", batches, input, 1, torch.int64)
-    _check_counter("running_count", channel_batches, input, c, torch.int64)
+        _check_residual(residual, input)
+    if batches is not None:
+        _check_counter("batches", batches, device, 1, torch.int64)
+    if channel_batches is not None:
+        _check_counter("running_count", channel_batches, device, c, torch.int64)
     if overflow_stats is not None:
-        overflow_stats.check(c, input.device)
+        overflow_stats.check(c, device)

@@ -6,7 +6,6 @@ import torch
 
 import tritonbn
 from tritonbn import launch, ops
-from tritonbn.tools import bench
 
 from tests.helpers import TRITONBN_OPS, OpLog, assert_close, make_input, tol
 
@@ -78,14 +77,6 @@ def test_running_stat_versions_bump_like_the_custom_op(device, training):
         bumps.append((rm._version - before[0], rv._version - before[1]))
     assert bumps[0] == bumps[1]
     assert (bumps[0][0] >= 1 and bumps[0][1] >= 1) if training else bumps[0] == (0, 0)
-
-
-def test_host_path_measures_every_case(device):
-    figures = bench.host_path(device, calls=3)
-    assert figures["shape"] == "32x64x8x8"
-    cases = {k: v for k, v in figures.items() if k not in ("shape", "calls")}
-    assert set(cases) == {"fwd_train", "fwd_train_module", "fwd_eval", "fwd_train_relu", "bwd"}
-    assert all(isinstance(v, float) and v > 0 for v in cases.values())
 
 
 def test_double_backward_raises_instead_of_dropping_terms(device):

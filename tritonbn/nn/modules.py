@@ -53,46 +53,45 @@ class TritonNorm:
         per-activation mode)."""
         return self.num_features
 
-    def _counts_batches(self) -> bool:
-        return (self.training and self.track_running_stats
-                and self.num_batches_tracked is not None)
-
     def _process_group(self) -> Optional[str]:
         """The process group to synchronize statistics over (SyncBatchNorm), or None."""
         return None
-
-    def _options(self, activation: bool = True) -> Options:
-        # Batch statistics normalize in training, and in eval when there are no running buffers.
-        use_batch_stats = self.training or (self.running_mean is None
-                                            and self.running_var is None)
-        momentum = self.momentum
-        return functional.options(
-            use_batch_stats, 0.0 if momentum is None else momentum, self.eps,
-            self.activation if activation else None, self.negative_slope,
-            self.renorm, self.warmup_steps, self.overflow, self.nonfinite_stats,
-            cumulative=momentum is None, group=self._process_group() if self.training else None)
 
     def _run(self, input: Tensor, residual: Optional[Tensor] = None,
              activation: bool = True) -> Tensor:
         """torch's _BatchNorm.forward with tritonbn's op; ``activation=False`` leaves the
         layer's activation out (the caller applies it)."""
         self._check_input_dim(input)
-        o = self._options(activation)
+        # (parameters and buffers read from their dicts: nn.Module's attribute lookup for them
+        # costs a microsecond per call on this path)
+        params, buffers, training = self._parameters, self._buffers, self.training
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        batches = buffers.get("num_batches_tracked")
+        momentum = self.momentum
+        # Batch statistics normalize in training, and in eval when there are no running buffers.
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        o = functional.options(
+            use_batch_stats, 0.0 if momentum is None else momentum, self.eps,
+            self.activation if activation else None, self.negative_slope, self.renorm,
+            self.warmup_steps, self.overflow, self.nonfinite_stats, cumulative=momentum is None,
+            group=self._process_group() if training else None)
         # Running buffers go to the op when it updates them (training with tracking) or reads
         # them (eval); a module whose track_running_stats was switched off keeps its buffers.
-        passed = not self.training or self.track_running_stats
-        counting = self._counts_batches()
+        passed = not training or self.track_running_stats
+        counting = training and self.track_running_stats and batches is not None
         # momentum=None and renorm's warm-up read the batch counter on the device (no host
         # sync); with nonfinite_stats="skip" each channel counts its own batches.
-        per_channel = (getattr(self, "channel_batches_tracked", None) if counting
-                       and self.momentum is None and self.nonfinite_stats == "skip" else None)
+        reads_batches = counting and (momentum is None or self.warmup_steps > 0)
+        per_channel = (buffers.get("channel_batches_tracked") if counting and momentum is None
+                       and self.nonfinite_stats == "skip" else None)
         out = functional.run(
-            input, o, self.running_mean if passed else None, self.running_var if passed else None,
-            self.weight, self.bias, residual, self.num_batches_tracked if counting else None,
-            per_channel, self.overflow_stats, self.per_activation)
+            input, o, running_mean if passed else None, running_var if passed else None,
+            params.get("weight"), params.get("bias"), residual,
+            batches if reads_batches else None, per_channel, self.overflow_stats,
+            self.per_activation)
         if counting:
             # counted once the batch went through: a call the op rejects leaves the count alone
-            self.num_batches_tracked.add_(1)
+            batches.add_(1)
         return out
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:

@@ -18,14 +18,14 @@ import time
 
 import torch
 
-from . import shapes as shape_sets
+from . import host, shapes as shape_sets
 from .shapes import DTYPES, LAYOUTS, in_layout
 from .peers import available_peers, torch_backend
 from .report import geomean
 from .timing import (SMOKE_LABEL, machine_info, make_timer, require_kernels_runnable, run_device,
                      smoke_mode)
 
-__all__ = ["OPS", "TRAFFIC", "effective_bytes", "run_bench", "host_overhead", "host_path",
+__all__ = ["OPS", "TRAFFIC", "effective_bytes", "run_bench", "host_overhead",
            "main"]
 
 OPS = ("fwd_train", "fwd_eval", "bwd", "relu_fwd", "relu_bwd")
@@ -110,45 +110,6 @@ def host_overhead(peers, device: str, calls: int = 200) -> dict:
     return out
 
 
-def host_path(device: str, calls: int = 2000) -> dict:
-    """tritonbn's own host time per call (validation, plan, allocation, autograd), with the
-    launches recorded instead of made (launch.capture_launches): what tritonbn adds on top of
-    Triton's launch cost, and the same measurement with or without a GPU (it never runs a
-    kernel). Median of 5 rounds of ``calls`` calls, microseconds per call, float16 HOST_SHAPE."""
-    import statistics
-
-    import tritonbn
-    from ..launch import capture_launches
-
-    x, dy = _case_tensors(HOST_SHAPE, "float16", "contiguous", device)
-    c = x.shape[1]
-    xg = x.detach().requires_grad_()
-    w = torch.ones(c, device=device, requires_grad=True)
-    b = torch.zeros(c, device=device, requires_grad=True)
-    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
-    module = tritonbn.BatchNorm2d(c).to(device)
-    y = tritonbn.batch_norm(xg, rm, rv, w, b, training=True)  # a real graph for the backward
-    cases = {
-        "fwd_train": lambda: tritonbn.batch_norm(xg, rm, rv, w, b, training=True),
-        "fwd_train_module": lambda: module(xg),
-        "fwd_eval": lambda: tritonbn.batch_norm(x, rm, rv, w, b, training=False),
-        "fwd_train_relu": lambda: tritonbn.batch_norm(xg, rm, rv, w, b, training=True,
-                                                      activation="relu"),
-        "bwd": lambda: torch.autograd.grad(y, (xg, w, b), dy, retain_graph=True),
-    }
-    out = {"shape": "x".join(map(str, HOST_SHAPE)), "calls": calls}
-    with capture_launches():
-        for name, fn in cases.items():
-            rounds = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                rounds.append((time.perf_counter() - t0) / calls)
-            out[name] = round(statistics.median(rounds) * 1e6, 1)
-    return out
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -212,7 +173,8 @@ def run_bench(shapes, ops=OPS, dtypes=("float16", "bfloat16", "float32"), layout
     meta = machine_info()
     meta.update(compile_backend=compile_backend, implementations=list(peers),
                 torch_backends=backends, host_overhead_us=host_overhead(peers, device),
-                host_path_us=host_path(device),
+                host=None if smoke_mode() else host.measure(calls=200, rounds=3,
+                                                            compiled=False),
                 traffic_model={op: f"{k} * s * E" for op, k in TRAFFIC.items()},
                 copy_model=f"{COPY_TRAFFIC} * s * E (dst.copy_(x))",
                 timing=("wall clock, interpreter" if smoke_mode() else
@@ -249,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--tag", help="appended to the file names (runs split over several calls "
                                  "on one day would otherwise overwrite each other)")
-    p.add_argument("--host-only", action="store_true",
-                   help="measure tritonbn's own host time per call (launches recorded, not "
-                        "made) and nothing else; the same measurement with or without a GPU")
+    p.add_argument("--host", action="store_true",
+                   help="measure the host time per batch-norm layer instead (tritonbn's own "
+                        "code, Triton's launch path, torch's module); runs without a GPU too, "
+                        "against a do-nothing CUDA driver: see `tritonbn bench --host --help`")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -270,11 +233,12 @@ def main(argv=None) -> int:
     from . import report
     from .progress import Progress
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--host" in argv:
+        argv.remove("--host")
+        return host.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.host_only:
-        print(report.host_path_line(host_path(run_device())))
-        return 0
     # a results folder that cannot be made should fail now, not after the measurements
     try:
         os.makedirs(args.out, exist_ok=True)

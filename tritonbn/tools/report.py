@@ -159,8 +159,9 @@ def markdown(result: dict) -> str:
     if host:
         lines += ["", f"Host time per small training-forward call ({shape} float16): "
                   + ", ".join(f"{k} {v} us" for k, v in host.items())]
-    if meta.get("host_path_us"):
-        lines += ["", host_path_line(meta["host_path_us"])]
+    if meta.get("host"):
+        from .host import format_table
+        lines += ["", format_table(meta["host"])]
     errors = [r for r in rows if "error" in r]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {r['impl']} {r['op']} {r['shape']} {r['layout']} "
@@ -168,14 +169,6 @@ def markdown(result: dict) -> str:
     if smoke:
         lines += ["", f"**{SMOKE_LABEL}**"]
     return "\n".join(lines) + "\n"
-
-
-def host_path_line(path: dict) -> str:
-    """benchmark.host_path's figures as one sentence."""
-    path = dict(path)
-    shape, calls = path.pop("shape", "?"), path.pop("calls", "?")
-    return (f"tritonbn's own host code per call ({shape} float16, launches recorded, not made; "
-            f"median of 5 x {calls} calls): " + ", ".join(f"{k} {v} us" for k, v in path.items()))
 
 
 def write(result: dict, out_dir: str, plot: bool = True) -> list[str]:
