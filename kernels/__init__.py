@@ -14,7 +14,7 @@ passed as None, with None strides, and a constexpr flag says so.
 """
 from .forward import bn_fwd_apply_kernel, bn_fwd_onepass_kernel, bn_stats_partial_kernel
 from .backward import bn_bwd_apply_kernel, bn_bwd_onepass_kernel, bn_bwd_partial_kernel
-from .sync import bn_merge_partials_kernel
+from .merge import bn_merge_partials_kernel
 
 __all__ = [
     "bn_stats_partial_kernel",

@@ -9,15 +9,16 @@ per channel and k = gamma * r * invstd:
   grad_weight = r * sum(dz * x_hat) + d * sum(dz)
   grad_input  = k * (dz - sum(dz) / M - x_hat * sum(dz * x_hat) / M)   (training)
   grad_input  = k * dz                                                (eval: stats are constants)
-The sums are float32 (float64 for float64 input) partials per (split, channel), summed in split
-order by every consumer program: deterministic, no atomics.
+The sums are float32 (float64 for float64 input) partials per (split, channel), summed in one
+fixed tree by every consumer program (or beforehand, in a launch of their own, when there are
+many): deterministic, no atomics.
 """
 import triton
 import triton.language as tl
 
 from .activations import activate_grad
-from .common import (channel_offsets, load_affine, load_renorm, load_residual, preactivation,
-                     scalar, tile_ptrs, tile_rows)
+from .common import (channel_offsets, load_affine, load_renorm, load_residual, merge_partials,
+                     preactivation, scalar, tile_ptrs, tile_rows)
 from .overflow import store_fit
 
 
@@ -84,8 +85,11 @@ def bn_bwd_partial_kernel(
     for t in range(t_start, t_end):
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
-        dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
+        # kept in L2 for the apply pass, which reads the same tiles next
+        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0,
+                    eviction_policy="evict_last").to(ACC)
+        dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0,
+                     eviction_policy="evict_last")
         res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
                             USE_INT64)
         dz = _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, neg_slope)
@@ -122,7 +126,7 @@ def bn_bwd_apply_kernel(
     n_tiles_s,
     n_tiles,
     tiles_per_split,
-    n_part_splits,      # splits in PART (0 when the sums are not needed)
+    n_part_splits,      # partials per channel in PART, at most SPLITS_P2 (0: no sums needed)
     total_count,        # elements per channel behind the sums in PART (all processes' batches)
     slope: tl.float64,  # leaky_relu negative slope
     ACC: tl.constexpr,
@@ -135,21 +139,25 @@ def bn_bwd_apply_kernel(
     WRITE_SUMS: tl.constexpr,       # store grad_weight / grad_bias
     WRITE_DRES: tl.constexpr,       # store dz as the residual gradient
     SATURATE: tl.constexpr,         # clamp finite gradients beyond their dtype to +-max
+    SPLITS_P2: tl.constexpr,        # a power of two >= n_part_splits
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     USE_INT64: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # Programs and tiles in the reverse of the partial pass's order: its last tiles are the
+    # freshest in L2, so a tensor that fits L2 is read from there, not from HBM again.
+    pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    sum_dz = tl.zeros((BLOCK_C,), ACC)
-    sum_dzxhat = tl.zeros((BLOCK_C,), ACC)
     if TRAINING or WRITE_SUMS:  # PART is None otherwise: eval grad_input needs no sums
-        for k in range(0, n_part_splits):
-            sum_dz += tl.load(PART + k * C + c, mask=cmask, other=0.0)
-            sum_dzxhat += tl.load(PART + (n_part_splits + k) * C + c, mask=cmask, other=0.0)
+        # in one fixed tree, alike in every program (many splits are summed beforehand)
+        sum_dz, sum_dzxhat, _ = merge_partials(PART, c, cmask, C, n_part_splits, ACC, False,
+                                               SPLITS_P2)
+    else:
+        sum_dz = tl.zeros((BLOCK_C,), ACC)
+        sum_dzxhat = tl.zeros((BLOCK_C,), ACC)
 
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
@@ -171,13 +179,16 @@ def bn_bwd_apply_kernel(
     neg_slope = scalar(slope, ACC)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
-    for t in range(t_start, t_end):
+    for i in range(t_start, t_end):
+        t = t_start + t_end - 1 - i
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
+        dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0,
+                     eviction_policy="evict_first")
         dy = dy.to(ACC)
         if TRAINING or ACT != 0:
-            x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
+            x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0,
+                        eviction_policy="evict_first")
             x = x.to(ACC)
         else:
             x = 0.0
@@ -188,10 +199,12 @@ def bn_bwd_apply_kernel(
             dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * (x - mean[None, :])
         else:
             dx = gain[None, :] * dz
-        store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE)
+        store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE,
+                  "evict_first")
         if WRITE_DRES:
             dr_coff = channel_offsets(c, stride_drc, USE_INT64)
-            store_fit(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs), dz, mask, SATURATE)
+            store_fit(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs), dz, mask, SATURATE,
+                      "evict_first")
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """Building blocks shared by the forward and backward kernels.
 
 Statistics are carried as (count, mean, M2) triples in the accumulation dtype (float32,
-or float64 for float64 activations) and merged with Chan's parallel formula, so the
+or float64 for float64 activations) and merged with Chan's parallel formula (``merge_moments``,
+many summaries at once), so the
 variance is never formed as E[x^2] - E[x]^2 and no square is ever taken in half precision.
 """
 import triton
@@ -39,6 +40,45 @@ def tile_rows(
 
 
 @triton.jit
+def row_index(BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """(sample, position) of every row of a tile relative to its first row: computed once per
+    program, so a loop iteration adds scalars instead of redoing the index arithmetic."""
+    i = tl.arange(0, BLOCK_N * BLOCK_S)
+    return i // BLOCK_S, i % BLOCK_S
+
+
+@triton.jit
+def row_offsets(dn, ds, stride_n, stride_s, USE_INT64: tl.constexpr):
+    """Element offsets of a tile's rows (``row_index``) from the tile's first row."""
+    if USE_INT64:
+        dn = dn.to(tl.int64)
+        ds = ds.to(tl.int64)
+    return dn * stride_n + ds * stride_s
+
+
+@triton.jit
+def tile_offset(tn, ts, stride_n, stride_s, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                USE_INT64: tl.constexpr):
+    """Element offset of the first row of tile (tn, ts) (tile row tn along N, column ts along S)."""
+    n0 = tn * BLOCK_N
+    s0 = ts * BLOCK_S
+    if USE_INT64:
+        n0 = n0.to(tl.int64)
+        s0 = s0.to(tl.int64)
+    return n0 * stride_n + s0 * stride_s
+
+
+@triton.jit
+def lane_count(dn, ds, n_rem, s_rem, k_full, k_col, k_row, k_corner):
+    """Values each row lane (dn, ds) of a tile has seen, for a split that has seen ``k_full``
+    full tiles and ``k_col`` / ``k_row`` / ``k_corner`` edge tiles of the last tile column
+    (n_left >= BLOCK_N, s_left = s_rem), last row (n_left = n_rem), and corner."""
+    in_n = (dn < n_rem).to(k_full.dtype)
+    in_s = (ds < s_rem).to(k_full.dtype)
+    return k_full + k_col * in_s + k_row * in_n + k_corner * (in_n * in_s)
+
+
+@triton.jit
 def channel_offsets(c, stride_c, USE_INT64: tl.constexpr):
     """Element offset of each channel in ``c`` (a BLOCK_C vector) along the channel axis."""
     if USE_INT64:
@@ -66,14 +106,41 @@ def tile_moments(x, mask, row_mask):
 
 
 @triton.jit
-def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s merge of two (count, mean, M2) summaries; empty parts are harmless."""
-    n = n_a + n_b
-    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-    delta = mean_b - mean_a
-    mean = mean_a + delta * w_b
-    m2 = m2_a + m2_b + delta * delta * n_a * w_b
-    return n, mean, m2
+def merge_moments(n, mean, m2, axis: tl.constexpr):
+    """Chan's merge of many (count, mean, M2) summaries at once along ``axis``, in closed form:
+    the count-weighted mean of the means, then the M2s plus each count times its mean's squared
+    deviation from it. Exact like a pairwise tree, but two fixed-order sums instead of a
+    division per merge step; summaries with count 0 (masked) drop out."""
+    count = tl.sum(n, axis=axis)
+    total_mean = tl.sum(n * mean, axis=axis) / tl.maximum(count, 1.0)
+    dev = mean - tl.expand_dims(total_mean, axis)
+    return count, total_mean, tl.sum(m2 + n * (dev * dev), axis=axis)
+
+
+@triton.jit
+def merge_partials(
+    PART,               # pointer to (3, n_splits, C) moments or (2, n_splits, C) sums, ACC
+    c, cmask,           # channel indices (BLOCK_C,) and which exist
+    C, n_splits,
+    ACC: tl.constexpr,
+    MOMENTS: tl.constexpr,      # merge (count, mean, M2); else add (sum dz, sum dz x_hat)
+    SPLITS_P2: tl.constexpr,    # a power of two >= n_splits: all splits load at once
+):
+    """The partials of channels ``c`` merged at once: one round of parallel loads and fixed-order
+    sums (no serial chain); deterministic, every program alike."""
+    k = tl.arange(0, SPLITS_P2)
+    ptr = PART + k[:, None] * C + c[None, :]
+    mask = (k[:, None] < n_splits) & cmask[None, :]
+    a = tl.load(ptr, mask=mask, other=0.0).to(ACC)
+    b = tl.load(ptr + n_splits * C, mask=mask, other=0.0).to(ACC)
+    if MOMENTS:
+        m2 = tl.load(ptr + 2 * n_splits * C, mask=mask, other=0.0).to(ACC)
+        a, b, m2 = merge_moments(a, b, m2, 0)
+    else:
+        a = tl.sum(a, axis=0)
+        b = tl.sum(b, axis=0)
+        m2 = a
+    return a, b, m2
 
 
 @triton.jit

@@ -17,8 +17,13 @@ import triton.language as tl
 from .activations import activate
 from .overflow import store_fit, tile_overflow
 from .common import (
-    chan_merge,
     channel_offsets,
+    merge_moments,
+    merge_partials,
+    lane_count,
+    row_index,
+    row_offsets,
+    tile_offset,
     finish_batch_stats,
     inv_std,
     load_affine,
@@ -29,6 +34,27 @@ from .common import (
     tile_ptrs,
     tile_rows,
 )
+
+
+@triton.jit
+def _welford_full_tile(ptrs, g, full_s, ds, S, cmask, mean, m2, k, stride_n, stride_s,
+                       ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                       USE_INT64: tl.constexpr, ONE_COLUMN: tl.constexpr):
+    """One Welford step of every lane over full tile ``g`` (numbered row-major over full tiles):
+    all lanes share the count, so one reciprocal per tile. With ONE_COLUMN, lanes at positions
+    past S are off in every tile: they stay at 0 and the final merge gives them no weight."""
+    start = tile_offset(g // full_s, g % full_s, stride_n, stride_s, BLOCK_N, BLOCK_S, USE_INT64)
+    if ONE_COLUMN:
+        mask = (ds < S)[:, None] & cmask[None, :]
+    else:
+        mask = cmask[None, :]
+    # kept in L2 for the apply pass, which reads the same tiles next
+    x = tl.load(ptrs + start, mask=mask, other=0.0, eviction_policy="evict_last").to(ACC)
+    k += 1.0
+    delta = x - mean
+    mean += delta * (1.0 / k)
+    m2 += delta * (x - mean)
+    return mean, m2, k
 
 
 @triton.jit
@@ -45,30 +71,96 @@ def bn_stats_partial_kernel(
     BLOCK_S: tl.constexpr,      # spatial positions per tile (power of two)
     BLOCK_C: tl.constexpr,      # channels per program
     USE_INT64: tl.constexpr,    # 64-bit element offsets
+    EDGES: tl.constexpr,        # some tile has rows outside the plane (BLOCK_N does not divide
+                                # N, or BLOCK_S does not divide S over several tile columns);
+                                # without, that path is not built
+    ONE_COLUMN: tl.constexpr,   # BLOCK_S >= S: one tile column, its lanes past S always off
 ):
+    """Per (channel block, split): count, mean and M2 of the split's tiles.
+
+    Tiles are numbered full tiles first (every row inside the plane, row-major), then the
+    plane's edge tiles, so a split meets its full tiles before any edge tile. Every element
+    lane keeps a running Welford mean and M2 over the tiles it sees: in a full tile all lanes
+    share one count, so an update is a subtract and two fused multiply-adds per element with one
+    reciprocal per tile, nothing crossing threads and the next tile's loads free to issue. In an
+    edge tile a lane's count follows in closed form from how many edge tiles of each kind (last
+    tile column, last tile row, corner) the split has seen. One cross-thread step at the end
+    merges the lanes exactly (Chan's merge written for many parts at once: the count-weighted
+    mean of the lane means, then the lanes' M2 plus their counts times squared deviations), in
+    fixed-order sums, so the result is deterministic.
+    """
     pid_c = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_splits = tl.num_programs(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
+    dn, ds = row_index(BLOCK_N, BLOCK_S)
+    ptrs = X + row_offsets(dn, ds, stride_xn, stride_xs, USE_INT64)[:, None] + x_coff[None, :]
 
-    count = tl.zeros((BLOCK_C,), ACC)
-    mean = tl.zeros((BLOCK_C,), ACC)
-    m2 = tl.zeros((BLOCK_C,), ACC)
-    t_start = pid_k * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
-    for t in range(t_start, t_end):
-        n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
-        mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
-        t_count, t_mean, t_m2 = tile_moments(x, mask, rmask)
-        count, mean, m2 = chan_merge(count, mean, m2, t_count, t_mean, t_m2)
+    full_n = N // BLOCK_N               # tile rows / columns made of full tiles only
+    if ONE_COLUMN:
+        # A tile spans every position (a 7x7 or 14x14 plane): the same lanes are off in every
+        # tile, so its tiles count as full with those lanes masked -- no edge column.
+        full_s = 1
+    else:
+        full_s = S // BLOCK_S
+    n_full = full_n * full_s
+    n_rem = N - full_n * BLOCK_N        # samples / positions in the edge tiles
+    s_rem = S - full_s * BLOCK_S if not ONE_COLUMN else 0
+    # edge tiles: the last tile column (one per tile row, corner included), then the last row
+    n_col = tl.where(s_rem > 0, n_tiles // n_tiles_s, 0)
+    g_start = pid_k * tiles_per_split
+    g_end = tl.minimum(g_start + tiles_per_split, n_tiles)
+
+    k = tl.zeros((), ACC)               # full tiles seen
+    k_col = tl.zeros((), ACC)           # edge tiles seen: last column (not corner), last row,
+    k_row = tl.zeros((), ACC)           # corner
+    k_corner = tl.zeros((), ACC)
+    mean = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
+    m2 = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
+    for g in range(g_start, g_end):
+        if EDGES:
+            if g < n_full:
+                mean, m2, k = _welford_full_tile(ptrs, g, full_s, ds, S, cmask, mean, m2, k,
+                                                 stride_xn, stride_xs, ACC, BLOCK_N, BLOCK_S,
+                                                 USE_INT64, ONE_COLUMN)
+            else:
+                e = g - n_full
+                tn = tl.where(e < n_col, e, full_n)
+                ts = tl.where(e < n_col, full_s, e - n_col)
+                in_n = (tn < full_n) | (dn < n_rem)
+                if ONE_COLUMN:
+                    in_s = ds < S
+                else:
+                    in_s = (ts < full_s) | (ds < s_rem)
+                mask = (in_n & in_s)[:, None] & cmask[None, :]
+                start = tile_offset(tn, ts, stride_xn, stride_xs, BLOCK_N, BLOCK_S, USE_INT64)
+                x = tl.load(ptrs + start, mask=mask, other=0.0,
+                            eviction_policy="evict_last").to(ACC)
+                k_col += ((tn < full_n) & (ts == full_s)).to(ACC)
+                k_row += ((tn == full_n) & (ts < full_s)).to(ACC)
+                k_corner += ((tn == full_n) & (ts == full_s)).to(ACC)
+                seen = lane_count(dn, ds, n_rem, s_rem, k, k_col, k_row, k_corner)
+                delta = tl.where(mask, x - mean, 0.0)
+                mean += delta / tl.maximum(seen, 1.0)[:, None]
+                m2 += delta * (x - mean)
+        else:
+            mean, m2, k = _welford_full_tile(ptrs, g, full_s, ds, S, cmask, mean, m2, k, stride_xn,
+                                             stride_xs, ACC, BLOCK_N, BLOCK_S, USE_INT64,
+                                             ONE_COLUMN)
+
+    # Chan's merge of all lanes at once, exact for any counts (a lane never in range has count
+    # 0, mean 0 and M2 0 and drops out).
+    seen = lane_count(dn, ds, n_rem, s_rem, k, k_col, k_row, k_corner)
+    if ONE_COLUMN:
+        seen = tl.where(ds < S, seen, 0.0)
+    count, mean_c, m2_c = merge_moments(tl.broadcast_to(seen[:, None], mean.shape), mean, m2, 0)
 
     base = pid_k * C + c
     tl.store(PART + base, count, mask=cmask)
-    tl.store(PART + n_splits * C + base, mean, mask=cmask)
-    tl.store(PART + 2 * n_splits * C + base, m2, mask=cmask)
+    tl.store(PART + n_splits * C + base, mean_c, mask=cmask)
+    tl.store(PART + 2 * n_splits * C + base, m2_c, mask=cmask)
 
 
 @triton.jit
@@ -98,7 +190,7 @@ def bn_fwd_apply_kernel(
     n_tiles_s,          # tiles along S
     n_tiles,            # tiles in a channel's plane
     tiles_per_split,    # consecutive tiles handled by one program
-    n_part_splits,      # splits in PART
+    n_part_splits,      # partials per channel in PART (at most SPLITS_P2)
     warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     momentum: tl.float64,   # running-statistics momentum
     eps: tl.float64,        # added to the variance
@@ -118,28 +210,24 @@ def bn_fwd_apply_kernel(
     CUMULATIVE: tl.constexpr,       # 0 momentum; 1 from BATCHES; 2 from CH_BATCHES (running_weight)
     SATURATE: tl.constexpr,         # clamp finite results beyond the output dtype to +-max
     COUNT_OVERFLOW: tl.constexpr,   # accumulate OVF_COUNT / OVF_MAX
+    SPLITS_P2: tl.constexpr,        # a power of two >= n_part_splits
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
     USE_INT64: tl.constexpr,
 ):
-    pid_c = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    # Programs in the reverse of the statistics pass's order too: its last programs' tiles are
+    # the freshest in L2 (see the tile loop below).
+    pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_k = tl.num_programs(1) - 1 - tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
 
     if TRAINING:
-        # Every program merges its channels' partials in the same split order, so all of them
-        # see bit-identical statistics without a separate finalize launch.
-        count = tl.zeros((BLOCK_C,), ACC)
-        mean = tl.zeros((BLOCK_C,), ACC)
-        m2 = tl.zeros((BLOCK_C,), ACC)
-        for k in range(0, n_part_splits):
-            base = k * C + c
-            p_count = tl.load(PART + base, mask=cmask, other=0.0)
-            p_mean = tl.load(PART + n_part_splits * C + base, mask=cmask, other=0.0)
-            p_m2 = tl.load(PART + 2 * n_part_splits * C + base, mask=cmask, other=0.0)
-            count, mean, m2 = chan_merge(count, mean, m2, p_count, p_mean, p_m2)
+        # Every program merges its channels' partials in the same fixed tree, so all of them
+        # see bit-identical statistics (the launcher merges many splits in a launch of its own
+        # first, and hands over one partial).
+        count, mean, m2 = merge_partials(PART, c, cmask, C, n_part_splits, ACC, True, SPLITS_P2)
         invstd, r, d = finish_batch_stats(
             count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES,
             CH_BATCHES, NEW_CH_BATCHES, SAVE_MEAN, SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum,
@@ -164,10 +252,14 @@ def bn_fwd_apply_kernel(
     ovf_max = tl.zeros((BLOCK_C,), ACC)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, n_tiles)
-    for t in range(t_start, t_end):
+    # Backwards through the tiles: the statistics pass read them forwards and left its last
+    # tiles in L2, so a tensor that fits L2 is read from there here, not from HBM again.
+    for i in range(t_start, t_end):
+        t = t_start + t_end - 1 - i
         n, s, rmask = tile_rows(t, n_tiles_s, N, S, BLOCK_N, BLOCK_S, USE_INT64)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0)
+        x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0,
+                    eviction_policy="evict_first")
         res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
                             USE_INT64)
         y = activate(preactivation(x.to(ACC), mean, gain, shift, res), ACT, neg_slope)
@@ -175,7 +267,9 @@ def bn_fwd_apply_kernel(
             t_count, t_max = tile_overflow(y, mask, Y.dtype.element_ty)
             ovf_count += t_count
             ovf_max = tl.maximum(ovf_max, t_max)
-        store_fit(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y, mask, SATURATE)
+        # y is not read again here: it should not push x's tiles out of L2
+        store_fit(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y, mask, SATURATE,
+                  "evict_first")
     if COUNT_OVERFLOW:
         # integer adds and max commute: the totals are the same whatever the program order
         tl.atomic_add(OVF_COUNT + c, ovf_count.to(tl.int64), mask=cmask)

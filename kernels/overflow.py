@@ -46,9 +46,10 @@ def fit(v, DT: tl.constexpr, SATURATE: tl.constexpr):
 
 
 @triton.jit
-def store_fit(ptrs, v, mask, SATURATE: tl.constexpr):
-    """tl.store of v into ptrs' dtype under the output policy."""
-    tl.store(ptrs, fit(v, ptrs.dtype.element_ty, SATURATE), mask=mask)
+def store_fit(ptrs, v, mask, SATURATE: tl.constexpr, EVICTION: tl.constexpr = ""):
+    """tl.store of v into ptrs' dtype under the output policy (with an L2 eviction hint)."""
+    tl.store(ptrs, fit(v, ptrs.dtype.element_ty, SATURATE), mask=mask,
+             eviction_policy=EVICTION)
 
 
 @triton.jit

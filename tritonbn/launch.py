@@ -308,13 +308,26 @@ def _sums_over_processes(local: torch.Tensor, count: int, name: str) -> torch.Te
 
 
 def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
-    """(Q, K, C) partials -> (Q, C): Chan-merged moments (Q = 3) or summed sums (Q = 2)."""
+    """(Q, K, C) partials -> (Q, C): Chan-merged moments (Q = 3) or summed sums (Q = 2), in a
+    launch of its own (many splits, or the summaries synchronized processes exchange)."""
     q, k, c = part.shape
     out = torch.empty((q, c), dtype=part.dtype, device=part.device)
-    block_c = 128  # (Q, K, C) is tiny: one pass of 128 channels per program, any K
+    # About 16 programs whatever C (a few KB of partials each), each loading MERGE_TILE
+    # partials at once: 1,024 over 4 warps is 8 per thread and accumulator
+    block_c = max(1, min(planner.pow2(c) // 16, 128))
+    block_k = max(1, min(planner.pow2(k), planner.MERGE_TILE // block_c))
     _run(bn_merge_partials_kernel, (planner.cdiv(c, block_c),), (part, out), (c, k), (),
-         _constants(None, MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_C=block_c, num_warps=4))
+         _constants(None, MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_K=block_k,
+                    BLOCK_C=block_c, num_warps=4))
     return out
+
+
+def _merged(part: torch.Tensor, plan: planner.Plan, moments: bool) -> torch.Tensor:
+    """The partials as the apply kernel merges them: as they are when few, else merged first
+    (one per channel, in a launch of its own)."""
+    if part.shape[1] * plan.block_c <= planner.MERGE_IN_APPLY:
+        return part
+    return merge_partials(part, moments).unsqueeze(1)
 
 
 # ---------------------------------------------------------------------------------- forward
@@ -388,8 +401,8 @@ class _ForwardSpec(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _forward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_b: bool,
-                  has_res: bool, per_channel: bool, counting: bool,
-                  update: bool) -> _ForwardSpec:
+                  has_res: bool, per_channel: bool, counting: bool, update: bool,
+                  splits_p2: int, edges: bool, one_column: bool) -> _ForwardSpec:
     # momentum=None: the weight 1 / (batches + 1) from per-channel counts, else the module's
     cumulative = 0 if not (o.training and o.cumulative) else (2 if per_channel else 1)
     warmup = o.renorming and o.warmup_steps > 0
@@ -399,10 +412,27 @@ def _forward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_
                  RENORM=o.renorming, WARMUP=warmup, SKIP_NONFINITE=o.skip_nonfinite,
                  CUMULATIVE=cumulative, SATURATE=o.saturate, COUNT_OVERFLOW=counting)
     return _ForwardSpec(
-        _constants(plan, UPDATE_RUNNING=update, **flags), _constants(plan, ACC=acc),
-        _constants(plan, TRAINING=o.training, UPDATE_RUNNING=update, **flags),
+        _constants(plan, UPDATE_RUNNING=update, **flags),
+        _constants(plan, ACC=acc, EDGES=edges, ONE_COLUMN=one_column),
+        _constants(plan, TRAINING=o.training, UPDATE_RUNNING=update, SPLITS_P2=splits_p2,
+                   **flags),
         (float(o.momentum), float(o.eps), float(o.negative_slope), float(rmax), float(dmax)),
         cumulative == 1 or warmup)
+
+
+def _edges(plan: planner.Plan, view) -> tuple[bool, bool]:
+    """(EDGES, ONE_COLUMN) of the statistics kernel: whether some tile has rows outside the
+    plane, and whether one tile column spans every position (its lanes past S always off)."""
+    one_column = plan.block_s >= view.s
+    return bool(view.n % plan.block_n or (not one_column and view.s % plan.block_s)), one_column
+
+
+def _splits_p2(splits: int, plan: planner.Plan, o: Options) -> int:
+    """SPLITS_P2 of the apply kernel: the power of two that holds the partials it merges --
+    the splits themselves, one after a merge launch, the processes' when synchronized."""
+    if o.group is not None:
+        return planner.pow2(dist.get_world_size(_group(o.group)))
+    return planner.pow2(splits) if splits * plan.block_c <= planner.MERGE_IN_APPLY else 1
 
 
 def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: _Updates) -> None:
@@ -418,34 +448,39 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: _Updates) -> None
     sizes = (view.n, c, view.s, *view.strides[0], *view.strides[1],
              *(view.strides[2] if has_res else _NO_STRIDES))
     reads, writes = upd.reads, upd.writes
+    c_blocks = planner.cdiv(c, plan.block_c)
+    onepass = o.training and plan.variant == "onepass" and o.group is None
+    part = None
+    if not onepass:
+        # An empty batch in a synchronized step still finalizes the shared statistics (so
+        # every process updates its running statistics alike): one program and no tiles.
+        n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+        if o.training:
+            part = torch.empty((3, splits, c), dtype=save_mean.dtype, device=x.device)
     spec = _forward_spec(plan, o, save_mean.dtype is torch.float64, a.weight is not None,
                          a.bias is not None, has_res, reads[_CB] is not None,
-                         a.overflow_count is not None, o.training and reads[_RM] is not None)
+                         a.overflow_count is not None, o.training and reads[_RM] is not None,
+                         1 if part is None else _splits_p2(part.shape[1], plan, o),
+                         *_edges(plan, view))
     tensors = (reads[_RM], reads[_RV], writes[_RM], writes[_RV],
                a.batches if spec.reads_batches else None, reads[_CB], writes[_CB],
                _contiguous(a.weight), _contiguous(a.bias), save_mean, save_invstd, save_rd,
                writes[_OC], writes[_OM])
-    c_blocks = planner.cdiv(c, plan.block_c)
 
-    if o.training and plan.variant == "onepass" and o.group is None:
+    if onepass:
         _run(bn_fwd_onepass_kernel, (c_blocks,), (x, y, res, *tensors),
              (*sizes, o.warmup_steps), spec.floats, spec.onepass)
         return
-    # An empty batch in a synchronized step still finalizes the shared statistics (so every
-    # process updates its running statistics alike): its grid has one program and no tiles.
-    n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
-    part, part_splits = None, 0
-    if o.training:
-        part = torch.empty((3, splits, c), dtype=save_mean.dtype, device=x.device)
-        part_splits = splits
+    if part is not None:
         _run(bn_stats_partial_kernel, (c_blocks, splits), (x, part),
              (*sizes[:6], n_tiles_s, n_tiles, per_split), (), spec.stats)
         if o.group is not None:
             part = _gather_moments(merge_partials(part, moments=True), o.group)
-            part_splits = part.shape[1]
+        else:
+            part = _merged(part, plan, moments=True)
     _run(bn_fwd_apply_kernel, (c_blocks, splits), (x, y, res, part, *tensors),
-         (*sizes, n_tiles_s, n_tiles, per_split, part_splits, o.warmup_steps), spec.floats,
-         spec.apply)
+         (*sizes, n_tiles_s, n_tiles, per_split, 0 if part is None else part.shape[1],
+          o.warmup_steps), spec.floats, spec.apply)
 
 
 # --------------------------------------------------------------------------------- backward
@@ -499,8 +534,8 @@ class _BackwardSpec(NamedTuple):
 
 @functools.lru_cache(maxsize=4096)
 def _backward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_b: bool,
-                   has_res: bool, renorm: bool, write_dres: bool,
-                   write_sums: bool) -> _BackwardSpec:
+                   has_res: bool, renorm: bool, write_dres: bool, write_sums: bool,
+                   splits_p2: int) -> _BackwardSpec:
     flags = dict(ACC=tl.float64 if acc64 else tl.float32, HAS_W=has_w, HAS_B=has_b,
                  HAS_RES=has_res, ACT=o.act_code, RENORM=renorm)
     return _BackwardSpec(
@@ -508,7 +543,7 @@ def _backward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has
                    **flags),
         _constants(plan, **flags),
         _constants(plan, TRAINING=o.training, WRITE_SUMS=write_sums, WRITE_DRES=write_dres,
-                   SATURATE=o.saturate, **flags),
+                   SATURATE=o.saturate, SPLITS_P2=splits_p2, **flags),
         (float(o.negative_slope),))
 
 
@@ -531,36 +566,43 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
                *(view.strides[4] if write_dres else _NO_STRIDES))
     params = (a.save_mean, a.save_invstd, _contiguous(a.weight), _contiguous(a.bias), rd)
     synchronized = o.group is not None
+    c_blocks = planner.cdiv(c, plan.block_c)
+    onepass = plan.variant == "onepass" and not synchronized
+    splits_p2 = 1
+    if not onepass:
+        n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+        if need_sums and not synchronized:
+            splits_p2 = planner.pow2(splits) if splits * plan.block_c <= planner.MERGE_IN_APPLY \
+                else 1
     spec = _backward_spec(plan, o, a.save_mean.dtype is torch.float64, a.weight is not None,
                           a.bias is not None, has_res, rd is not None, write_dres,
-                          need_sums and not synchronized)
-    c_blocks = planner.cdiv(c, plan.block_c)
+                          need_sums and not synchronized, splits_p2)
 
-    if plan.variant == "onepass" and not synchronized:
+    if onepass:
         _run(bn_bwd_onepass_kernel, (c_blocks,), (x, dy, dx, res, dres, *params, dw, db),
              (view.n, c, view.s, *strides), spec.slope, spec.onepass)
         return
 
-    n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
-    part, part_splits, total = None, 0, float(view.n * view.s)
+    part, total = None, float(view.n * view.s)
     if need_sums:
         part = torch.empty((2, splits, c), dtype=a.save_mean.dtype, device=x.device)
         _run(bn_bwd_partial_kernel, (c_blocks, splits), (x, dy, res, *params, part),
              (view.n, c, view.s, *strides[:6], *strides[9:12], n_tiles_s, n_tiles, per_split),
              spec.slope, spec.partial)
-        part_splits = splits
     if synchronized:
         local = merge_partials(part, moments=False)           # this process's own sums
         db.copy_(local[0])
         r, d = (rd[0], rd[1]) if rd is not None else (1.0, 0.0)
         dw.copy_(r * local[1] + d * local[0])
         part = _sums_over_processes(local, view.n * view.s, o.group).reshape(2, 1, c)
-        part_splits, total = 1, 1.0                           # the kernel gets means
-    elif not need_sums:
+        total = 1.0                                           # the kernel gets means
+    elif need_sums:
+        part = _merged(part, plan, moments=False)
+    else:
         dw.zero_()
         db.zero_()
     if x.numel() == 0:
         return
     _run(bn_bwd_apply_kernel, (c_blocks, splits), (x, dy, dx, res, dres, *params, part, dw, db),
-         (view.n, c, view.s, *strides, n_tiles_s, n_tiles, per_split, part_splits),
-         (total, *spec.slope), spec.apply)
+         (view.n, c, view.s, *strides, n_tiles_s, n_tiles, per_split,
+          0 if part is None else part.shape[1]), (total, *spec.slope), spec.apply)

@@ -23,6 +23,7 @@ from ._runtime import interpreter_enabled
 from .options import OPS
 
 __all__ = ["OPS", "DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan", "forced_fields",
+           "pow2",
            "planning_for", "reload_tuning_table", "grid_tiles", "cdiv"]
 
 
@@ -94,13 +95,14 @@ class Plan:
                     USE_INT64=self.use_int64, num_warps=self.num_warps)
 
 
-def _warps(tile: int, aligned: bool) -> int:
-    """Warps for a tile: ELEMS_PER_THREAD elements per thread (half that when unaligned), 4-16."""
-    per_thread = ELEMS_PER_THREAD if aligned else ELEMS_PER_THREAD // 2
+def _warps(tile: int, aligned: bool, op: str) -> int:
+    """Warps for a tile: ELEMS_PER_THREAD elements per thread (UNALIGNED_PER_THREAD[op] when
+    unaligned), 4-16."""
+    per_thread = ELEMS_PER_THREAD if aligned else UNALIGNED_PER_THREAD[op]
     return max(4, min(16, tile // (32 * per_thread)))
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
@@ -132,12 +134,30 @@ MAX_TUNED_TILE = 16384
 MAX_TUNED_PER_THREAD = 32
 # Narrowest channel block for channels-last tensors: 8 half values are one 16-byte access.
 MIN_MINOR_BLOCK_C = 8
+# Narrowest NCHW position block that divides the plane: 8 half values, one 16-byte access per
+# thread and row (narrower ones -- 14x14 = 4 x 49 -- keep the covering power-of-two block).
+MIN_DIVIDING_BLOCK_S = 8
 # At most 16 tile elements per thread: the backward partial kernel keeps two float32
 # accumulators per element, and at 32 per thread (4096 elements, 4 warps) the compile check saw
 # 207 registers and 12% occupancy on sm_90; at 8 warps it stays near half of that.
-# Unaligned tensors are moved with scalar accesses, one 64-bit address per element: there the
-# compile check saw 8-16 B spills in the backward kernels at 16 per thread and none at 8.
 ELEMS_PER_THREAD = 16
+# Unaligned tensors (a 7x7 or 14x14 NCHW plane of half values: rows of 98 or 392 bytes) are
+# moved with scalar accesses, one 64-bit address per element, in half-size tiles. Forward: 8 per
+# thread (8 warps) -- at 4 (16 warps) too few loads were in flight and the statistics kernel was
+# latency-bound in the performance model (42% of copy for 256x1024x14x14 fp16 on an H100, 58%
+# at 8). Backward: 4 per thread -- at 8 the partial-sums kernel turned issue-bound on an H200
+# (256x2048x7x7: 48% of copy against 54% at 4). The compile check sees no spills at either.
+UNALIGNED_PER_THREAD = {"fwd_train": 8, "fwd_eval": 8, "bwd_train": 4, "bwd_eval": 4}
+UNALIGNED_TILE = GPU_TILE // 2
+# Partials an apply program merges itself (splits x channels per program): one round of parallel
+# loads of at most 12 KB (3 float32 quantities) and a tree; more, and every program re-reading
+# them (hundreds of splits for channels-last planes with few channels) costs more than one small
+# merge launch beforehand (~2 us of GPU time).
+MERGE_IN_APPLY = 1024
+# Partials a merge program loads at once (splits x channels): 8 per thread and quantity over
+# 4 warps, with two float32 accumulators each -- the closed-form merge's loop is a few
+# multiply-adds per partial, so a channel block's 500 splits take a handful of iterations.
+MERGE_TILE = 1024
 # Below this many elements a launch costs more than the bytes, so one launch beats a full grid.
 LAUNCH_BOUND_ELEMS = 1 << 20
 # 64-bit offsets cost an extra multiply-add per address; only used when 32 bits can overflow.
@@ -226,10 +246,10 @@ def _from_table(hit, heuristic: Plan, op: str, n: int, c: int, s: int, use_int64
     variant = p["variant"]
     # A nearest-bucket entry may come from a smaller plane: blocks larger than this plane only
     # add masked lanes, so they are clamped (to powers of two, as the kernels' aranges need).
-    block_c = min(p["block_c"], _pow2(c))
+    block_c = min(p["block_c"], pow2(c))
     if variant == "onepass":
         # One pass needs the whole plane in one tile: derive it from this plane's sizes.
-        block_n, block_s, splits = _pow2(n), _pow2(s), 1
+        block_n, block_s, splits = pow2(n), pow2(s), 1
         limit = ONEPASS_MAX.get(op)
         if limit is None:
             why = f"{op} has no one-pass kernel"
@@ -241,7 +261,7 @@ def _from_table(hit, heuristic: Plan, op: str, n: int, c: int, s: int, use_int64
             return dataclasses.replace(
                 heuristic, reason=f"{heuristic.reason} (tuned plan from {hit.path} not used: {why})")
     else:
-        block_n, block_s, splits = min(p["block_n"], _pow2(n)), min(p["block_s"], _pow2(s)), p["splits"]
+        block_n, block_s, splits = min(p["block_n"], pow2(n)), min(p["block_s"], pow2(s)), p["splits"]
         tile = block_n * block_s * block_c
         per_thread = tile // (32 * p["num_warps"])
         if tile > MAX_TUNED_TILE:
@@ -263,8 +283,8 @@ def _apply_forced(plan: Plan, n: int, s: int, forced: tuple) -> Plan:
     fields = dict(forced)
     if fields.get("variant") == "onepass" and plan.variant != "onepass":
         # A one-pass tile must cover the plane; derive its blocks unless they were given.
-        fields.setdefault("block_n", _pow2(n))
-        fields.setdefault("block_s", _pow2(s))
+        fields.setdefault("block_n", pow2(n))
+        fields.setdefault("block_s", pow2(s))
         fields.setdefault("splits", 1)
     forced = dataclasses.replace(plan, **fields, reason=plan.reason + " (forced)")
     if forced.variant == "onepass" and (forced.block_n < n or forced.block_s < s):
@@ -277,9 +297,9 @@ def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes
                use_int64: bool, device: DeviceInfo, aligned: bool) -> Plan:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
-    tile = INTERPRETER_TILE if device.interpreter else GPU_TILE
+    tile = INTERPRETER_TILE if device.interpreter else (GPU_TILE if aligned else UNALIGNED_TILE)
     if channels_minor:
-        block_c = min(_pow2(c), MAX_BLOCK_C)
+        block_c = min(pow2(c), MAX_BLOCK_C)
     else:
         # Channel planes are separate streams (NCHW): one channel per program, positions vectorized.
         block_c = 1
@@ -287,7 +307,7 @@ def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes
 
     onepass_max = ONEPASS_MAX.get(op)
     if onepass_max is not None:
-        plane = _pow2(n) * _pow2(s)
+        plane = pow2(n) * pow2(s)
         bc = block_c
         # Channels-last rows narrower than 8 channels turn into 2- and 4-byte gathers
         # (compile check: the one-pass backward at 1 channel per program moved half values
@@ -301,20 +321,27 @@ def _make_plan(op: str, n: int, c: int, s: int, channels_minor: bool, elem_bytes
             tiny = n * c * s <= LAUNCH_BOUND_ELEMS
             if fills or tiny:
                 why = "plane fits one tile; " + ("grid fills the GPU" if fills else "launch-bound size")
-                return Plan("onepass", _pow2(n), _pow2(s), bc, 1, _warps(plane * bc, aligned),
+                return Plan("onepass", pow2(n), pow2(s), bc, 1, _warps(plane * bc, aligned, op),
                             use_int64, why)
 
     # Split plan: tile the plane, spreading positions first (they are contiguous for NCHW and
     # strided by C for NHWC) and filling the rest of the tile with samples.
     rows = max(1, tile // block_c)
-    block_s = min(_pow2(s), rows)
-    block_n = min(_pow2(n), max(1, rows // block_s))
+    block_s = min(pow2(s), rows)
+    dividing = s & -s                   # the largest power of two that divides s
+    if not channels_minor and MIN_DIVIDING_BLOCK_S <= dividing < block_s:
+        # A block that divides the plane's rows wastes no lane: 112x112 = 256 x 49 takes
+        # 256-wide blocks (not 16384-wide ones 77% full), 56x56 64-wide, 28x28 16-wide.
+        block_s = dividing
+    block_n = min(pow2(n), max(1, rows // block_s))
     n_tiles = cdiv(n, block_n) * cdiv(s, block_s)
+    # Whole waves: floor, not ceiling -- cdiv(528, 64) = 9 splits gave 576 programs for 528
+    # slots on an H100, a second wave 9% full (the performance model's tail-wave term).
     target = PROGRAMS_PER_SM * device.sm_count
-    splits = max(1, min(n_tiles, cdiv(target, c_blocks)))
+    splits = max(1, min(n_tiles, target // c_blocks))
     why = f"plane of {n * s} needs {n_tiles} tiles; {splits} split(s) x {c_blocks} channel block(s)"
     return Plan("split", block_n, block_s, block_c, splits,
-                _warps(block_n * block_s * block_c, aligned), use_int64, why)
+                _warps(block_n * block_s * block_c, aligned, op), use_int64, why)
 
 
 def grid_tiles(plan: Plan, n: int, s: int) -> tuple[int, int, int, int]:

@@ -106,7 +106,11 @@ def test_grid_tiles_leaves_no_empty_split():
 def test_unaligned_tensors_get_fewer_elements_per_thread():
     aligned = make_plan("bwd_train", 1, 64, 1 << 20, True, 2, 1 << 30, H100, aligned=True)
     unaligned = make_plan("bwd_train", 1, 64, 1 << 20, True, 2, 1 << 30, H100, aligned=False)
-    assert unaligned.tile == aligned.tile and unaligned.num_warps == 2 * aligned.num_warps
+    def per_thread(p):
+        return p.tile // (32 * p.num_warps)
+    assert per_thread(aligned) == planner.ELEMS_PER_THREAD
+    assert per_thread(unaligned) == planner.UNALIGNED_PER_THREAD["bwd_train"] < per_thread(aligned)
+    assert unaligned.tile == planner.UNALIGNED_TILE
 
 
 def test_every_plan_respects_its_limits():

@@ -9,18 +9,40 @@ from tritonbn.tools import compile_check as cc
 
 @pytest.fixture(scope="module")
 def ci_results():
-    return cc.run_check(subset="ci", target_keys=("sm90", "sm80"), unaligned=True, workers=2)
+    # The default tier: every kernel and plan regime in float16 on both targets, unaligned
+    # pointers on sm_90a (~2 minutes on 2 cores); bfloat16 and sm_80 unaligned are the slow
+    # tier's (test_every_ci_plan_in_both_half_dtypes_and_alignments below).
+    return cc.run_check(subset="ci", target_keys=("sm90", "sm80"), unaligned=("sm90",),
+                        workers=2, dtypes=("float16",))
+
+
+def _gate(results):
+    failures = [(r.target, r.kernel, r.dtype, r.blocks, r.aligned, r.failures)
+                for r in results if not r.ok]
+    assert not failures, failures
+    for r in results:
+        assert r.regs > 0 and r.local == 0 and r.programs_per_sm >= 1
+
+
+@pytest.mark.slow
+def test_every_ci_plan_in_both_half_dtypes_and_alignments():
+    results = cc.run_check(subset="ci", target_keys=("sm90", "sm80"), unaligned=True, workers=2)
+    assert {r.dtype for r in results} == {"float16", "bfloat16"}
+    assert {(r.target, r.aligned) for r in results} == {
+        (t.name, a) for t in (cc.TARGETS["sm90"], cc.TARGETS["sm80"]) for a in (True, False)}
+    _gate(results)
 
 
 def test_every_ci_plan_compiles_without_spills_for_both_targets(ci_results):
     assert {r.target for r in ci_results} == {cc.TARGETS["sm90"].name, cc.TARGETS["sm80"].name}
     kernels = {r.kernel for r in ci_results}
     assert kernels == {"bn_stats_partial_kernel", "bn_fwd_apply_kernel", "bn_fwd_onepass_kernel",
-                       "bn_bwd_partial_kernel", "bn_bwd_apply_kernel", "bn_bwd_onepass_kernel"}
-    failures = [(r.target, r.kernel, r.blocks, r.aligned, r.failures) for r in ci_results if not r.ok]
-    assert not failures, failures
-    for r in ci_results:
-        assert r.regs > 0 and r.local == 0 and r.programs_per_sm >= 1
+                       "bn_bwd_partial_kernel", "bn_bwd_apply_kernel", "bn_bwd_onepass_kernel",
+                       "bn_merge_partials_kernel"}   # channels-last planes with many splits
+    assert {(r.target, r.aligned) for r in ci_results} == {
+        (cc.TARGETS["sm90"].name, True), (cc.TARGETS["sm90"].name, False),
+        (cc.TARGETS["sm80"].name, True)}
+    _gate(ci_results)
 
 
 def test_aligned_half_plans_use_16_byte_accesses(ci_results):
@@ -41,19 +63,35 @@ def _forced_jobs(problem, target_key, **plan):
             for k, _g, a, kw in launches}
 
 
-def test_check_fails_a_spilling_plan_and_a_non_compiling_plan():
+def test_check_fails_a_spilling_plan_and_a_non_compiling_plan(capsys):
     prob = cc.Problem("fwd_train", (16, 4, 32, 32), "float16", "contiguous")
     # the whole 16 x 1024 plane of one channel in one warp: 512 values per thread -> spills
     spilling = _forced_jobs(prob, "sm90", variant="onepass", num_warps=1)
     # a block that is not a power of two cannot be an arange: the compiler rejects it
     broken = _forced_jobs(prob, "sm90", variant="split", block_s=48, splits=2)
-    results = cc.compile_jobs({**spilling, **broken}, workers=2)
+    results = cc.compile_jobs({**spilling, **broken}, workers=2, progress=True)
+    progress = capsys.readouterr().err   # a long check says how far it got
+    assert f"{len(results)}/{len(results)}" in progress and "compiling" in progress
     onepass = [r for r in results if r.kernel == "bn_fwd_onepass_kernel"]
     assert onepass and not onepass[0].ok
     assert any("spills" in f for f in onepass[0].failures)
     assert onepass[0].local + onepass[0].stack > 0
     split = [r for r in results if r.kernel == "bn_stats_partial_kernel"]
     assert split and not split[0].ok and "does not compile" in split[0].failures[0]
+
+
+def test_spills_are_local_memory_instructions_not_an_unused_stack_frame():
+    sass = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*00b0*/                   IADD3 R1, R1, -0x8, RZ ;
+        /*14c0*/                   STG.E desc[UR4][R2.64], R4 ;
+    """
+    assert cc.local_memory_ops(sass) == 0      # a reserved frame nothing touches
+    sass += """
+        /*14d0*/                   STL [R1], R2 ;
+        /*1570*/               @P0 LDL.LU R2, [R1] ;
+    """
+    assert cc.local_memory_ops(sass) == 2
 
 
 def test_capture_records_launches_without_running_them():
@@ -76,7 +114,10 @@ def test_specialization_matches_tritons_rules():
     unaligned = cc.specialize(kernel, args, kwargs)
     assert "X" not in unaligned.divisible and "Y" in unaligned.divisible  # y is allocated aligned
     # an unaligned input gets scalar accesses and so a plan with fewer elements per thread
-    assert unaligned.num_warps == 2 * spec.num_warps
+    def per_thread(sp):
+        return (sp.constexpr("BLOCK_N") * sp.constexpr("BLOCK_S") * sp.constexpr("BLOCK_C")
+                // (32 * sp.num_warps))
+    assert per_thread(unaligned) == planner.UNALIGNED_PER_THREAD["fwd_eval"] < per_thread(spec)
 
 
 def test_tiles_smaller_than_the_threads_are_not_gated_as_vectorizable():

@@ -41,7 +41,7 @@ from ..plan import DeviceInfo
 from .shapes import BENCH_SHAPES, DTYPES, in_layout
 
 __all__ = ["TARGETS", "Problem", "problems", "tuned_problems", "capture", "specialize",
-           "compile_and_inspect", "run_check", "main"]
+           "compile_and_inspect", "run_check", "main", "parse_sass", "sass_loops", "ttir_accesses"]
 
 
 @dataclass(frozen=True)
@@ -311,6 +311,23 @@ class Result:
     stores: dict = field(default_factory=dict)
     vector_capable: bool = False
     compile_s: float = 0.0
+    # What the code does, for the static performance model (tools/perf_model.py): the pointer
+    # arguments the kernel loads from and stores to (from the Triton IR), its SASS instruction
+    # count, and per loop (sass_loops) and for the code outside every loop, the instructions,
+    # barriers, shuffles and global accesses -- attributed to the pointer arguments they touch.
+    reads: list = field(default_factory=list)
+    writes: list = field(default_factory=list)
+    instructions: int = 0
+    loops: list = field(default_factory=list)
+    straight: dict = field(default_factory=dict)
+
+
+_LOCAL_OPS = re.compile(r"^\s*/\*[0-9a-fA-F]+\*/\s+(?:@!?P\w+\s+)?(?:STL|LDL)\b", re.M)
+
+
+def local_memory_ops(sass: str) -> int:
+    """Local-memory loads and stores (spill traffic) in a SASS listing."""
+    return len(_LOCAL_OPS.findall(sass))
 
 
 def compile_and_inspect(spec: Spec, target_key: str, dtype: str, aligned: bool) -> Result:
@@ -342,7 +359,9 @@ def compile_and_inspect(spec: Spec, target_key: str, dtype: str, aligned: bool) 
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), f.name], capture_output=True, text=True,
+        # -g: each instruction annotated with its source line (comments: the access widths
+        # below read the same instructions)
+        sass = subprocess.run([_tool("nvdisasm"), "-g", f.name], capture_output=True, text=True,
                               check=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     res.regs, res.stack, res.local = int(fields["REG"]), int(fields["STACK"]), int(fields["LOCAL"])
@@ -351,9 +370,15 @@ def compile_and_inspect(spec: Spec, target_key: str, dtype: str, aligned: bool) 
     res.occupancy = round(occ, 3)
     res.loads, res.stores = _access_widths(sass)
     res.vector_capable = aligned and vector_capable(spec)
+    _inspect_code(res, compiled.asm.get("ttir", ""), sass, spec)
 
-    if res.local > 0 or res.stack > 0:
-        res.failures.append(f"spills: {res.local} B local memory, {res.stack} B stack per thread")
+    # A spill is local memory the code moves data through. A stack frame no instruction touches
+    # is not one: LLVM's NVPTX backend sometimes declares a 1-byte local depot it never uses
+    # (seen on a float16 statistics kernel), and ptxas reserves 8 B for it.
+    local_ops = local_memory_ops(sass)
+    if res.local > 0 or local_ops:
+        res.failures.append(f"spills: {res.local} B local memory, {res.stack} B stack, "
+                            f"{local_ops} local-memory instructions per thread")
     if res.shared > t.shared_per_block:
         res.failures.append(f"needs {res.shared} B shared memory; {t.name} has {t.shared_per_block}")
     if res.programs_per_sm == 0:
@@ -365,6 +390,300 @@ def compile_and_inspect(spec: Spec, target_key: str, dtype: str, aligned: bool) 
                                 f"stores {res.stores} (bytes: count)")
     res.ok = not res.failures
     return res
+
+
+# ------------------------------------------------------------------------ code statistics
+# Read by tools/perf_model.py: which arguments a kernel reads and writes (from the Triton IR),
+# and its loops in SASS (a backward branch closes a loop) with what each does per iteration.
+
+_SASS_INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:@(!?U?P(?:T|\d+))\s+)?"
+                         r"([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)([^;]*);")
+_SASS_LABEL = re.compile(r"^\s*(\.L\w*):")
+_SASS_SOURCE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_SASS_TARGET = re.compile(r"`\((\.L\w*)\)")
+
+
+@dataclass(frozen=True)
+class Instr:
+    addr: int
+    op: str                  # opcode: LDG, STG, BAR, BRA, ...
+    mods: str                # modifiers: ".E.128"
+    target: str | None       # branch target label, if any
+    source: tuple | None     # (file name, line) from nvdisasm -g, if the cubin has line info
+    predicated: bool = False  # under a predicate other than PT: a branch that may fall through
+
+
+def parse_sass(sass: str) -> tuple[list[Instr], dict]:
+    """Instructions (NOPs left out) and labels ({label: address}) of nvdisasm output; with ``-g``
+    each instruction carries the (file name, line) of the source it came from."""
+    instrs, labels, pending, source, in_text = [], [], [], None, True
+    for line in sass.splitlines():
+        m = re.match(r"^\s*\.section\s+([^\s,]+)", line)
+        if m:                         # code lives in .text.<kernel>; other sections are data
+            in_text, pending = m.group(1).startswith(".text"), []
+            continue
+        if not in_text:
+            continue
+        m = _SASS_SOURCE.search(line)
+        if m:
+            source = (os.path.basename(m.group(1)), int(m.group(2)))
+            continue
+        m = _SASS_LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _SASS_INSTR.match(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        labels.extend((name, addr) for name in pending)
+        pending = []
+        pred, op, mods, operands = m.group(2), m.group(3), m.group(4), m.group(5)
+        if op == "NOP":
+            continue
+        t = _SASS_TARGET.search(operands)
+        instrs.append(Instr(addr, op, mods, t.group(1) if t else None, source,
+                            pred is not None and pred != "PT"))
+    return instrs, dict(labels)
+
+
+def _width(mods: str) -> int:
+    width = 4
+    for m in mods.split(".")[1:]:
+        width = _WIDTH.get(m, width)
+    return width
+
+
+def _access_names(i: Instr, kind: str, width: int, tensors_at: dict) -> set:
+    """The pointer arguments a SASS global access touches, from its source line.
+
+    Triton emits a masked load as inline PTX: one mov per 32-bit register (the masked-off
+    value), then the ld.global; LLVM tags each line of that asm with the next source line, so a
+    16-byte load reads as its own line + 3. So: the load's line less that offset, its own line,
+    up to four lines above, then the line of the first use of a loaded value ("near")."""
+    if i.source is None:
+        return set()
+    file, line = i.source
+    if kind == "store":
+        return set(tensors_at.get(i.source, {}).get("store", ()))
+    for k in dict.fromkeys((max(0, width // 4 - 1), 0, 1, 2, 3, 4)):
+        names = tensors_at.get((file, line - k), {}).get("load")
+        if names:
+            return set(names)
+    return set(tensors_at.get(i.source, {}).get("near", ()))
+
+
+def _code_stats(instrs: list[Instr], tensors_at=None) -> dict:
+    """Instructions, barriers, shuffles, global accesses ({bytes: count} per thread) of a run of
+    SASS; with ``tensors_at`` ((file, line) -> {"load": names, "store": names}), the bytes per
+    thread each pointer argument gets loaded / stored ("?" where the source is unknown)."""
+    out = {"instructions": len(instrs), "bar": 0, "shfl": 0, "loads": {}, "stores": {},
+           "atomics": 0, "tensors": {}}
+    for i in instrs:
+        if i.op == "BAR" or i.op.startswith("BAR"):
+            out["bar"] += 1
+        elif i.op == "SHFL":
+            out["shfl"] += 1
+        elif i.op in ("LDG", "STG"):
+            kind = "load" if i.op == "LDG" else "store"
+            w = _width(i.mods)
+            hist = out["loads"] if kind == "load" else out["stores"]
+            hist[w] = hist.get(w, 0) + 1
+            names = sorted(_access_names(i, kind, w, tensors_at or {})) or ["?"]
+            for name in names:   # one line touching several arguments: share the bytes
+                t = out["tensors"].setdefault(name, {"load": 0.0, "store": 0.0})
+                t[kind] += w / len(names)
+        elif i.op in ("ATOMG", "REDG", "RED", "ATOM"):
+            out["atomics"] += 1
+    return out
+
+
+def _cheapest_path(body: list[Instr], labels: dict) -> list[Instr] | None:
+    """The fewest instructions from the first of a loop body to its branch back, following
+    its forward branches, among paths that load from global memory if the body does any
+    loading: the side of a branch a loop takes on almost every iteration is the cheap one (a
+    full tile's fast path beside an edge tile's), and a path that loads nothing skips the
+    work. None when no such path exists."""
+    n = len(body)
+    index = {ins.addr: k for k, ins in enumerate(body)}
+    need = int(any(ins.op == "LDG" for ins in body))
+    inf = float("inf")
+    dist = [[inf, inf] for _ in range(n)]           # [nothing loaded yet, loaded]
+    prev: list[list] = [[None, None] for _ in range(n)]
+    dist[0][int(body[0].op == "LDG")] = 1
+    for k, ins in enumerate(body[:-1]):
+        succ = []
+        if ins.op == "BRA" and ins.target is not None:
+            t = labels.get(ins.target)
+            if t is not None and t > ins.addr and t in index:
+                succ.append(index[t])               # forward, inside the body
+            if ins.predicated:
+                succ.append(k + 1)
+        elif not (ins.op == "EXIT" and not ins.predicated):
+            succ.append(k + 1)
+        for state in (0, 1):
+            if dist[k][state] == inf:
+                continue
+            for j in succ:
+                nxt = state | int(body[j].op == "LDG")
+                if dist[k][state] + 1 < dist[j][nxt]:
+                    dist[j][nxt], prev[j][nxt] = dist[k][state] + 1, (k, state)
+    if dist[n - 1][need] == inf:
+        return None
+    path, at = [], (n - 1, need)
+    while at is not None:
+        path.append(body[at[0]])
+        at = prev[at[0]][at[1]]
+    return path[::-1]
+
+
+def sass_loops(sass: str, tensors_at=None) -> tuple[list[dict], dict]:
+    """The loops of a kernel's SASS and the code outside every loop.
+
+    A loop is the code from a branch target up to a branch back to it (several branches back
+    to one target close one loop); a branch to itself (the trap after EXIT) is not a loop. Each
+    loop is a dict: start and end addresses, depth (0 outermost), and _code_stats of its body
+    per iteration (an inner loop's code is counted once in its outer loop), and "path": the
+    same for the cheapest path through the body (_cheapest_path; the body itself when it has
+    no branches). The second value is _code_stats of the instructions outside every loop."""
+    instrs, labels = parse_sass(sass)
+    ends: dict[int, int] = {}
+    for i in instrs:
+        if i.op == "BRA" and i.target in labels and labels[i.target] < i.addr:
+            start = labels[i.target]
+            ends[start] = max(ends.get(start, start), i.addr)
+    spans = sorted(ends.items())
+    loops = []
+    for start, end in spans:
+        body = [i for i in instrs if start <= i.addr <= end]
+        depth = sum(1 for s, e in spans if (s, e) != (start, end) and s <= start and end <= e)
+        path = _cheapest_path(body, labels) or body
+        loops.append({"start": start, "end": end, "depth": depth,
+                      **_code_stats(body, tensors_at), "path": _code_stats(path, tensors_at)})
+    inside = lambda a: any(s <= a <= e for s, e in spans)  # noqa: E731
+    return loops, _code_stats([i for i in instrs if not inside(i.addr)], tensors_at)
+
+
+_TTIR_LOC_DEF = re.compile(r"^(#loc\d*) = loc\((.*)\)\s*$")
+_TTIR_FILE_LOC = re.compile(r'^"([^"]+)":(\d+)(?::\d+)?$')
+_TTIR_ACCESS = {"tt.load": "load", "tt.descriptor_load": "load", "tt.store": "store",
+                "tt.descriptor_store": "store", "tt.atomic_rmw": "store", "tt.atomic_cas": "store"}
+
+
+def _resolve_loc(text: str, defs: dict, depth: int = 0):
+    """(file name, line) of an MLIR location: the callee of a call site, the inner location of a
+    named one, the first of a fused one."""
+    text = text.strip()
+    if depth > 50 or not text or text == "unknown":
+        return None
+    if text.startswith("#loc"):
+        return _resolve_loc(defs.get(text, ""), defs, depth + 1)
+    m = _TTIR_FILE_LOC.match(text)
+    if m:
+        return os.path.basename(m.group(1)), int(m.group(2))
+    m = re.match(r"^callsite\((#loc\d*|.+?) at ", text)
+    if m:
+        return _resolve_loc(m.group(1), defs, depth + 1)
+    m = re.match(r'^"[^"]*"\((.*)\)$', text)          # a named location: "X"(#loc)
+    if m:
+        return _resolve_loc(m.group(1), defs, depth + 1)
+    m = re.search(r'(#loc\d*|"[^"]+":\d+)', text)     # fused[...] and anything else
+    return _resolve_loc(m.group(1), defs, depth + 1) if m else None
+
+
+# How many ops downstream of a load the compiler may place its SASS line: ptxas often tags a
+# global load with the line of its first use (the conversion to float32, the first reduction).
+_NEAR_HOPS = 3
+
+
+def ttir_accesses(ttir: str, arg_names=None) -> dict:
+    """Which pointer arguments the kernel's Triton IR loads from and stores to (atomics count
+    as stores), and the source lines that touch them, to attribute SASS accesses.
+
+    Returns {"reads": [...], "writes": [...], "lines": {(file name, line): {"load": names,
+    "store": names, "near": names}}}. Pointers are followed from the arguments through every op
+    whose result is a pointer (splat, addptr, broadcast, select, loop-carried values). "near":
+    the arguments whose loaded values reach an op on that line within the fewest ops (at most
+    _NEAR_HOPS), for a load that SASS tags with the line of a use. ``arg_names``: names for IR
+    arguments printed as %argN, in order."""
+    defs = {}
+    for line in ttir.splitlines():
+        m = _TTIR_LOC_DEF.match(line.strip())
+        if m:
+            defs[m.group(1)] = m.group(2)
+    taint: dict[str, set] = {}
+    reads, writes, lines = set(), set(), {}
+    users: dict[str, list] = {}       # value -> ops using it: (results, where)
+    loads = []                        # (results, roots)
+
+    def entry(where):
+        return lines.setdefault(where, {"load": set(), "store": set(), "near": set()})
+
+    for line in ttir.splitlines():
+        if re.match(r"^\s*tt\.func\b", line):
+            for name in re.findall(r"%(\w+): !tt\.ptr", line):
+                idx = int(name[3:]) if re.fullmatch(r"arg\d+", name) else None
+                known = arg_names and idx is not None and idx < len(arg_names)
+                taint["%" + name] = {arg_names[idx] if known else name}
+            continue
+        code = line.split(" loc(")[0]
+        m = re.match(r"^\s*(?:(%[\w#:]+(?:, %[\w#:]+)*) = )?([\w.]+)(.*)$", code)
+        if not m:
+            continue
+        results = [r.split(":")[0].split("#")[0] for r in (m.group(1) or "").split(", ") if r]
+        op, rest = m.group(2), m.group(3)
+        operands = [o.split("#")[0] for o in re.findall(r"%[\w#]+", rest)]
+        loc = re.search(r" loc\((.*)\)\s*$", line)
+        where = _resolve_loc(loc.group(1), defs) if loc else None
+        for o in operands:
+            users.setdefault(o, []).append((results, where))
+        kind = _TTIR_ACCESS.get(op)
+        if kind:
+            roots = set().union(*(taint.get(o, set()) for o in operands[:1]))
+            if roots:
+                (reads if kind == "load" else writes).update(roots)
+                if where:
+                    entry(where)[kind].update(roots)
+                if kind == "load":
+                    loads.append((results, roots))
+            continue
+        if "!tt.ptr" in rest or "tensordesc" in rest:
+            for a, b in re.findall(r"(%[\w]+) = (%[\w#]+)", rest):   # iter_args(%a = %b)
+                if b.split("#")[0] in taint:
+                    taint[a] = taint.get(a, set()) | taint[b.split("#")[0]]
+            roots = set().union(*(taint.get(o, set()) for o in operands))
+            for r in results:
+                if roots:
+                    taint[r] = taint.get(r, set()) | roots
+    # nearest uses of each loaded value, line by line
+    best: dict = {}
+    for results, roots in loads:
+        frontier, seen = list(results), set(results)
+        for hop in range(1, _NEAR_HOPS + 1):
+            nxt = []
+            for v in frontier:
+                for outs, where in users.get(v, ()):
+                    if where is not None:
+                        h, names = best.get(where, (hop, set()))
+                        if hop < h:
+                            best[where] = (hop, set(roots))
+                        elif hop == h:
+                            best[where] = (h, names | roots)
+                    nxt.extend(o for o in outs if o not in seen)
+                    seen.update(outs)
+            frontier = nxt
+    for where, (_h, names) in best.items():
+        entry(where)["near"].update(names)
+    return {"reads": sorted(reads), "writes": sorted(writes), "lines": lines}
+
+
+def _inspect_code(res: Result, ttir: str, sass: str, spec: Spec) -> None:
+    """Fill the Result's reads / writes (Triton IR) and loop statistics (SASS from nvdisasm -g)."""
+    acc = ttir_accesses(ttir, [n for n, ty in spec.signature if ty != "constexpr"])
+    res.reads, res.writes = acc["reads"], acc["writes"]
+    res.loops, res.straight = sass_loops(sass, acc["lines"])
+    res.instructions = res.straight["instructions"] + sum(
+        lp["instructions"] for lp in res.loops if lp["depth"] == 0)
 
 
 def _compile_job(job):
@@ -396,14 +715,19 @@ def tuned_problems(target_key: str, table_path: str | None = None) -> list[tuple
     return out
 
 
-def collect_specs(subset: str, target_keys: list[str], unaligned: bool = True,
-                  tuned: bool = True, table_path: str | None = None):
+def collect_specs(subset: str, target_keys: list[str], unaligned=True,
+                  tuned: bool = True, table_path: str | None = None, dtypes=None):
     """Distinct (spec, target, dtype, aligned) jobs, each with the problems that produce it;
-    with ``tuned``, also the plans of the tuning table for the targets' GPUs."""
+    with ``tuned``, also the plans of the tuning table for the targets' GPUs. ``unaligned``:
+    True / False, or the target keys to add unaligned-pointer specializations for; ``dtypes``:
+    only problems of these dtypes."""
     jobs: dict[tuple, list[str]] = {}
     for key in target_keys:
+        both = unaligned is True or (not isinstance(unaligned, bool) and key in unaligned)
         for prob in problems(subset):
-            for aligned in ((True, False) if unaligned else (True,)):
+            if dtypes is not None and prob.dtype not in dtypes:
+                continue
+            for aligned in ((True, False) if both else (True,)):
                 for kernel, _grid, args, kwargs in capture(prob, TARGETS[key], aligned):
                     spec = specialize(kernel, args, kwargs)
                     jobs.setdefault((spec, key, prob.dtype, aligned), []).append(prob.name)
@@ -417,10 +741,13 @@ def collect_specs(subset: str, target_keys: list[str], unaligned: bool = True,
     return jobs
 
 
-def compile_jobs(jobs: dict, workers: int = 2) -> list[Result]:
-    """Compile {(spec, target, dtype, aligned): [problem names]} in worker processes."""
+def compile_jobs(jobs: dict, workers: int = 2, progress: bool = False) -> list[Result]:
+    """Compile {(spec, target, dtype, aligned): [problem names]} in worker processes (with
+    ``progress``, a progress line on stderr: a full check compiles for minutes)."""
+    from .progress import Progress
     ordered = list(jobs)
     results: list[Result] = []
+    bar = Progress(len(ordered), "compiling", enabled=progress)
     # Workers are fresh processes with TRITON_INTERPRET=0 (so importing tritonbn does not turn
     # the interpreter on), so their kernels are real JITFunctions that triton.compile accepts
     # (this process may be running the interpreter).
@@ -432,6 +759,7 @@ def compile_jobs(jobs: dict, workers: int = 2) -> list[Result]:
             for job, res in zip(ordered, pool.map(_compile_job, ordered)):
                 res.problems = sorted(set(jobs[job]))
                 results.append(res)
+                bar.update(f"{res.kernel} {job[1]}")
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -440,10 +768,11 @@ def compile_jobs(jobs: dict, workers: int = 2) -> list[Result]:
     return results
 
 
-def run_check(subset: str = "ci", target_keys=("sm90",), unaligned: bool = False,
-              workers: int = 2, tuned: bool = True, table_path: str | None = None) -> list[Result]:
-    return compile_jobs(collect_specs(subset, list(target_keys), unaligned, tuned, table_path),
-                        workers)
+def run_check(subset: str = "ci", target_keys=("sm90",), unaligned=False,
+              workers: int = 2, tuned: bool = True, table_path: str | None = None,
+              dtypes=None, progress: bool = False) -> list[Result]:
+    return compile_jobs(collect_specs(subset, list(target_keys), unaligned, tuned, table_path,
+                                      dtypes), workers, progress)
 
 
 def _versions() -> dict:
@@ -524,13 +853,14 @@ def main(argv=None) -> int:
                              "(default: the table the dispatcher reads)")
     parser.add_argument("--no-tuned", action="store_true",
                         help="skip the tuning table's plans")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets {sorted(unknown)}; choose from {sorted(TARGETS)}")
     results = run_check(args.subset, targets, not args.no_unaligned, args.workers,
-                        not args.no_tuned, args.tuning_table)
+                        not args.no_tuned, args.tuning_table, progress=not args.quiet)
     md, js = write_report(results, args.out)
     summary = summarize(results)
     print(summary)

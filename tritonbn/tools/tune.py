@@ -102,7 +102,7 @@ def candidates(op: str, n: int, c: int, s: int, channels_minor: bool, heuristic:
                device: DeviceInfo, thorough: bool = False) -> list[dict]:
     """Plan fields to try, the heuristic plan first; distinct launches only (split counts that
     give the same tiles per program are one candidate)."""
-    pow2 = planner._pow2
+    pow2 = planner.pow2
     if channels_minor:
         top = min(pow2(c), MAX_SWEEP_BLOCK_C)
         low = min(top, planner.MIN_MINOR_BLOCK_C)
