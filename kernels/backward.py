@@ -275,7 +275,7 @@ def bn_bwd_onepass_kernel(
     else:
         dx = gain[None, :] * dz
     dx_coff = channel_offsets(c, stride_dxc, USE_INT64)
-    store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE)
+    store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE, "")
     if WRITE_DRES:
         dr_coff = channel_offsets(c, stride_drc, USE_INT64)
-        store_fit(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs), dz, mask, SATURATE)
+        store_fit(tile_ptrs(DRES, n, s, dr_coff, stride_drn, stride_drs), dz, mask, SATURATE, "")

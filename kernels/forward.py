@@ -37,13 +37,13 @@ from .common import (
 
 
 @triton.jit
-def _welford_full_tile(ptrs, g, full_s, ds, S, cmask, mean, m2, k, stride_n, stride_s,
+def _welford_full_tile(ptrs, tn, ts, ds, S, cmask, mean, m2, k, stride_n, stride_s,
                        ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
                        USE_INT64: tl.constexpr, ONE_COLUMN: tl.constexpr):
-    """One Welford step of every lane over full tile ``g`` (numbered row-major over full tiles):
+    """One Welford step of every lane over the full tile in tile row ``tn``, column ``ts``:
     all lanes share the count, so one reciprocal per tile. With ONE_COLUMN, lanes at positions
     past S are off in every tile: they stay at 0 and the final merge gives them no weight."""
-    start = tile_offset(g // full_s, g % full_s, stride_n, stride_s, BLOCK_N, BLOCK_S, USE_INT64)
+    start = tile_offset(tn, ts, stride_n, stride_s, BLOCK_N, BLOCK_S, USE_INT64)
     if ONE_COLUMN:
         mask = (ds < S)[:, None] & cmask[None, :]
     else:
@@ -119,10 +119,15 @@ def bn_stats_partial_kernel(
     k_corner = tl.zeros((), ACC)
     mean = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
     m2 = tl.zeros((BLOCK_N * BLOCK_S, BLOCK_C), ACC)
+    # Row and column of the split's current full tile, stepped in the loop rather than divided
+    # out of g per tile: no integer division in the loop (a division's magic constant was the
+    # one value ptxas 12.8 spilled to the stack for sm_80).
+    fn = g_start // tl.maximum(full_s, 1)
+    fs = g_start - fn * full_s
     for g in range(g_start, g_end):
         if EDGES:
             if g < n_full:
-                mean, m2, k = _welford_full_tile(ptrs, g, full_s, ds, S, cmask, mean, m2, k,
+                mean, m2, k = _welford_full_tile(ptrs, fn, fs, ds, S, cmask, mean, m2, k,
                                                  stride_xn, stride_xs, ACC, BLOCK_N, BLOCK_S,
                                                  USE_INT64, ONE_COLUMN)
             else:
@@ -146,9 +151,13 @@ def bn_stats_partial_kernel(
                 mean += delta / tl.maximum(seen, 1.0)[:, None]
                 m2 += delta * (x - mean)
         else:
-            mean, m2, k = _welford_full_tile(ptrs, g, full_s, ds, S, cmask, mean, m2, k, stride_xn,
+            mean, m2, k = _welford_full_tile(ptrs, fn, fs, ds, S, cmask, mean, m2, k, stride_xn,
                                              stride_xs, ACC, BLOCK_N, BLOCK_S, USE_INT64,
                                              ONE_COLUMN)
+        fs += 1
+        wrap = fs == full_s
+        fn = tl.where(wrap, fn + 1, fn)
+        fs = tl.where(wrap, 0, fs)
 
     # Chan's merge of all lanes at once, exact for any counts (a lane never in range has count
     # 0, mean 0 and M2 0 and drops out).
@@ -347,4 +356,4 @@ def bn_fwd_onepass_kernel(
         tl.atomic_add(OVF_COUNT + c, t_count.to(tl.int64), mask=cmask)
         tl.atomic_max(OVF_MAX + c, t_max.to(tl.float32), mask=cmask)
     y_coff = channel_offsets(c, stride_yc, USE_INT64)
-    store_fit(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y, mask, SATURATE)
+    store_fit(tile_ptrs(Y, n, s, y_coff, stride_yn, stride_ys), y, mask, SATURATE, "")

@@ -46,8 +46,9 @@ def fit(v, DT: tl.constexpr, SATURATE: tl.constexpr):
 
 
 @triton.jit
-def store_fit(ptrs, v, mask, SATURATE: tl.constexpr, EVICTION: tl.constexpr = ""):
-    """tl.store of v into ptrs' dtype under the output policy (with an L2 eviction hint)."""
+def store_fit(ptrs, v, mask, SATURATE: tl.constexpr, EVICTION: tl.constexpr):
+    """tl.store of v into ptrs' dtype under the output policy, with an L2 eviction hint ("" for
+    none). No default: triton 3.6 does not compile a defaulted constexpr string parameter."""
     tl.store(ptrs, fit(v, ptrs.dtype.element_ty, SATURATE), mask=mask,
              eviction_policy=EVICTION)
 
