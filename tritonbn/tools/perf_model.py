@@ -671,9 +671,10 @@ def write_json(preds: list, path: str) -> str:
     return path
 
 
-def read_table(path: str) -> dict:
-    """{(GPU, shape, layout, op): % of copy} from a markdown table written by write_markdown."""
-    out, header = {}, None
+def read_rows(path: str) -> list[dict]:
+    """The rows of the markdown table(s) written by write_markdown, as {column: cell} dicts
+    (every table with a "% of copy" column; separator lines skipped)."""
+    rows, header = [], None
     with open(path) as f:
         for line in f:
             if not line.startswith("|"):
@@ -682,15 +683,19 @@ def read_table(path: str) -> dict:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             if "% of copy" in cells:
                 header = cells
-                continue
-            if header is None or set(cells[0]) <= {"-", " "}:
-                continue
-            row = dict(zip(header, cells))
-            try:
-                pct = float(row["% of copy"])
-            except (KeyError, ValueError):
-                continue
-            out[(row["GPU"], row["shape"], row["layout"], row["op"])] = pct
+            elif header is not None and not set(cells[0]) <= {"-", " "}:
+                rows.append(dict(zip(header, cells)))
+    return rows
+
+
+def read_table(path: str) -> dict:
+    """{(GPU, shape, layout, op): % of copy} from a markdown table written by write_markdown."""
+    out = {}
+    for row in read_rows(path):
+        try:
+            out[(row["GPU"], row["shape"], row["layout"], row["op"])] = float(row["% of copy"])
+        except (KeyError, ValueError):
+            continue
     return out
 
 
