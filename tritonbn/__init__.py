@@ -7,8 +7,12 @@ from .nn import *  # noqa: F401,F403 - the layers, tritonbn.nn.__all__
 from .nn import __all__ as _layers
 from .reference import batch_norm_reference
 from .transforms import convert_model, fold_into_conv, fuse, restore_model
+from .transforms import (ConversionWarning, NotConvertible, TransformReport, register_conversion,
+                         unregister_conversion)
 from . import overflow
 
 __all__ = ["batch_norm", "batch_renorm", "sync_batch_norm", "batch_norm_reference",
            "count_launches", "LAUNCHES", "__version__", "convert_model", "restore_model",
-           "fold_into_conv", "fuse", "overflow", *_layers]
+           "fold_into_conv", "fuse", "overflow", *_layers,
+           "register_conversion", "unregister_conversion", "NotConvertible", "ConversionWarning",
+           "TransformReport"]

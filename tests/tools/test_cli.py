@@ -78,3 +78,15 @@ def test_info_prints_the_plan_the_launchers_use(table_path, device, capsys):
         tritonbn.batch_norm(x, torch.zeros(4, device=device), torch.ones(4, device=device))
     (_kernel, _grid, _args, kwargs), = launches
     assert (kwargs["BLOCK_N"], kwargs["BLOCK_S"], kwargs["BLOCK_C"]) == (2, 64, 1)
+
+
+@pytest.mark.parametrize("command", ["check-compile", "overflow", "tune", "bench", "gpu-window"])
+def test_each_tool_command_reaches_its_own_parser(command, capsys):
+    # every tool is listed in `tritonbn --help` and `tritonbn <command> --help` is that tool's
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0 and command in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: tritonbn {command} [-h]")

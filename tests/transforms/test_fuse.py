@@ -403,7 +403,7 @@ class Untraceable(nn.Module):
         return F.relu(self.bn(self.gate(self.features(x))))
 
 
-def test_untraceable_model_falls_back_to_convert_model_with_a_warning(device):
+def test_untraceable_model_fuses_its_traceable_submodules_with_a_warning(device):
     model = randomize_bn(Untraceable().to(device))
     line = DataDependent.forward.__code__.co_firstlineno + 1
     with pytest.warns(UserWarning) as record:
@@ -413,10 +413,17 @@ def test_untraceable_model_falls_back_to_convert_model_with_a_warning(device):
     assert "module 'gate.0' (DataDependent)" in message, message
     assert re.search(rf"test_fuse\.py:{line}\b", message), message
     assert "TraceError" in message and "convert_model" in message
+    assert "fused one by one" in message
     assert w.filename == __file__  # attributed to the caller
+    # the root stays a (converted) copy; `features` traces, so it is fused on its own
     assert not isinstance(converted, fx.GraphModule) and converted is not model
-    assert type(converted.bn) is type(converted.features[1]) is tritonbn.BatchNorm2d
+    assert type(converted.bn) is tritonbn.BatchNorm2d          # called by the untraced forward
+    assert isinstance(converted.features, fx.GraphModule)
+    assert type(converted.features.get_submodule("1")) is FusedBatchNormAct2d
+    assert converted.features.get_submodule("1").activation == "relu"
+    assert not isinstance(converted.gate, fx.GraphModule)     # nothing to fuse in it
     assert type(model.bn) is nn.BatchNorm2d
+    assert set(converted.state_dict()) == set(model.state_dict())
     x = torch.randn(4, 3, 8, 8, device=device)
     with tritonbn.count_launches() as launches:
         y = converted(x)

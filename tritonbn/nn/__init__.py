@@ -5,9 +5,10 @@ from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, Bat
                       BatchNormPerActivation3d, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
                       TritonNorm)
 from .sync import SyncBatchNorm
+from .frozen import FrozenBatchNorm2d
 
 __all__ = ["TritonNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",
            "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
            "BatchNormPerActivation1d", "BatchNormPerActivation2d", "BatchNormPerActivation3d",
-           "SyncBatchNorm"]
+           "SyncBatchNorm", "FrozenBatchNorm2d"]

@@ -1,10 +1,13 @@
 """Command line: ``tritonbn demo`` (check against torch on this machine), ``tritonbn info``
 (which plan a shape gets and why), ``tritonbn check-compile`` (compile every plan for real
 GPUs and gate on what the compiler reports), ``tritonbn tune`` (sweep plans, write the tuning
-table) and ``tritonbn bench`` (compare with torch and other peers). Also ``python -m tritonbn``."""
+table), ``tritonbn bench`` (compare with torch and other peers) and ``tritonbn convert`` (what
+convert_model / fuse / fold_into_conv make of a model's batch norms). Also
+``python -m tritonbn``."""
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
@@ -151,6 +154,44 @@ def info(args, parser) -> int:
     return 0
 
 
+def convert(args, parser) -> int:
+    """Build the model from its factory and print, per batch-norm-like layer, what
+    convert_model (and with --fuse / --fold, fuse and fold_into_conv) make of it."""
+    import warnings
+
+    import tritonbn
+    from tritonbn.tools.shapes import load_model_factory
+    from tritonbn.transforms.report import TransformReport
+
+    try:
+        factory = load_model_factory(args.model)
+    except (ValueError, ImportError, AttributeError) as e:
+        parser.error(f"--model {args.model!r}: {type(e).__name__}: {e}")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        parser.error(f"--model {args.model!r} returned {type(model).__name__}, not an nn.Module")
+    with warnings.catch_warnings():
+        # the table says everything the warnings would (layers left on torch, fuse's fallbacks)
+        warnings.simplefilter("ignore")
+        if args.fuse:
+            _, report = tritonbn.fuse(model, report=True)
+        else:
+            _, report = tritonbn.convert_model(copy.deepcopy(model), report=True)
+        if args.fold:
+            _, folds = tritonbn.fold_into_conv(copy.deepcopy(model).eval(), report=True)
+            report = TransformReport(report.stages + ["fold"], report.layers)
+            for name, folded in folds.layers.items():
+                record = report.layers.get(name)
+                if record is None:
+                    continue
+                record.folded = folded.folded
+                if not folded.folded and folded.note:
+                    record.note = f"{record.note}; {folded.note}" if record.note else folded.note
+    print(f"{args.model}: {type(model).__name__}")
+    print(report.table(markdown=args.markdown))
+    return 1 if args.strict and report.left_on_torch else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="tritonbn", description=__doc__)
@@ -162,6 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--layout", default="contiguous", choices=LAYOUTS)
     p_info.add_argument("--op", default="all", choices=["all", "fwd_train", "fwd_eval",
                                                          "bwd_train", "bwd_eval"])
+    p_convert = sub.add_parser(
+        "convert", help="show what convert_model (--fuse, --fold: fuse, fold_into_conv) makes "
+                        "of each batch-norm layer of a model, and why any stays on torch")
+    p_convert.add_argument("--model", required=True, metavar="MODULE:CALLABLE",
+                           help="a callable returning the model, called with no arguments, "
+                                "e.g. torchvision.models:resnet50")
+    p_convert.add_argument("--fuse", action="store_true",
+                           help="also fuse (tritonbn.fuse): what each layer is fused with")
+    p_convert.add_argument("--fold", action="store_true",
+                           help="also fold (tritonbn.fold_into_conv, eval mode): which layer "
+                                "each batch norm folds into")
+    p_convert.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p_convert.add_argument("--strict", action="store_true",
+                           help="exit with status 1 when a layer stays on torch")
     # Commands with parsers of their own: (module, needs the kernels to run, help).
     delegated = {
         "check-compile": ("compile_check", False,
@@ -175,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench": ("bench", True, "benchmark against torch eager, torch.compile and other "
                                      "installed implementations; write results under "
                                      "bench/results"),
+        "gpu-window": ("gpu_window", False,
+                       "on a GPU machine: run the prepared measurement script in a time budget "
+                       "(--dry-run rehearses it on CPU); 'gpu-window import' files its results"),
     }
     for name, (_module, _kernels, text) in delegated.items():
         sub.add_parser(name, add_help=False, help=f"{text} (see --help)")
@@ -187,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         _ensure_kernels_can_run(argv)
         return demo(args)
+    if args.command == "convert":
+        return convert(args, p_convert)
     return info(args, p_info)
 
 
