@@ -155,6 +155,22 @@ def _on_term(signum, frame):
     raise _Interrupted(f"signal {signum}")
 
 
+def run_in_group(cmd: list, log, cwd: str, env, timeout: float, running: list) -> tuple:
+    """Run ``cmd`` in a session of its own, its output to the open file ``log``, listed in
+    ``running`` while it runs (for a signal handler to kill); killed with its whole process group
+    after ``timeout`` seconds. Returns (exit status, timed out)."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=cwd, env=env, start_new_session=True)
+    running.append(proc)
+    try:
+        return proc.wait(timeout=timeout), False
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        return proc.returncode, True
+    finally:
+        running.remove(proc)
+
+
 def kill_group(proc, grace: float = KILL_GRACE_S) -> None:
     """SIGTERM to the process group of ``proc``, then SIGKILL if it is still there after
     ``grace`` seconds."""
@@ -195,18 +211,7 @@ def _run_one(name: str, budget: float, stage: str, root: str, dry: bool, env: di
     print(f"[gpu_window] {name}: budget {budget:.0f} s", flush=True)
     rec = {"name": name, "budget_s": budget, "started": time.strftime("%H:%M:%S")}
     with open(os.path.join(out, "log.txt"), "w") as log:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=root, env=env,
-                                start_new_session=True)
-        current[:] = [proc]
-        try:
-            rc = proc.wait(timeout=budget)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            rc, timed_out = proc.returncode, True
-        finally:
-            current[:] = []
+        rc, timed_out = run_in_group(cmd, log, root, env, budget, current)
     rec.update(rc=rc, timed_out=timed_out, elapsed_s=round(time.time() - start, 1))
     try:
         with open(os.path.join(out, "result.json")) as f:

@@ -28,6 +28,7 @@ if __name__ == "__main__":
 
 import argparse
 import copy
+import functools
 import json
 import math
 import platform
@@ -170,6 +171,19 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
 
 
+@functools.lru_cache(maxsize=None)
+def _window():
+    """tritonbn/tools/gpu_window.py, loaded by its path: it imports only the standard library,
+    where ``import tritonbn.tools.gpu_window`` would import tritonbn, and torch, first."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_window.py")
+    spec = importlib.util.spec_from_file_location("_tritonbn_gpu_window", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module      # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run_logged(ctx: Ctx, cmd: list, log_name: str, env=None, margin: float = 2.0) -> dict:
     """Run a command, its output to a log in the step's folder, killed (its whole process group)
     when the step's deadline comes ``margin`` seconds closer; returns rc, timed_out, seconds."""
@@ -179,19 +193,7 @@ def _run_logged(ctx: Ctx, cmd: list, log_name: str, env=None, margin: float = 2.
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f,
-                                stderr=subprocess.STDOUT, cwd=ctx.root, env=env,
-                                start_new_session=True)
-        _CHILDREN.append(proc)
-        try:
-            rc = proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            from tritonbn.tools.gpu_window import kill_group   # (imports the package)
-            kill_group(proc)
-            rc, timed_out = proc.returncode, True
-        finally:
-            _CHILDREN.remove(proc)
+        rc, timed_out = _window().run_in_group(cmd, f, ctx.root, env, timeout, _CHILDREN)
     return {"rc": rc, "timed_out": timed_out, "seconds": round(time.time() - start, 1),
             "log": log_name}
 
