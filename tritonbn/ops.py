@@ -27,14 +27,17 @@ __all__ = ["batch_norm_forward", "batch_norm_backward", "BatchNormFunction", "ba
 _N_FWD = len(FORWARD_ARGS)
 
 
-def _fill(outputs, like: Tensor) -> tuple:
-    """Custom ops return tensors: an update the op did not make is an empty tensor."""
-    return tuple(like.new_empty((0,)) if t is None else t for t in outputs)
+def _fill(outputs, likes) -> tuple:
+    """Custom ops return tensors: an output the op did not make is an empty tensor of the dtype
+    its fake kernel gives (``likes``: one tensor per output)."""
+    return tuple(like.new_empty((0,)) if t is None else t for t, like in zip(outputs, likes))
 
 
 def _forward_impl(*args) -> tuple:
     a, o = ForwardArgs(*args[:_N_FWD]), Options.decode(args[_N_FWD])
-    return _fill(launch.forward(a, o, in_place=False), a.input)
+    out = launch.forward(a, o, in_place=False)
+    stats = a.input.new_empty((0,), dtype=launch.acc_dtype(a.input.dtype))
+    return _fill(out, (a.input, stats, stats, stats) + (a.input,) * (len(out) - 4))
 
 
 def _forward_fake(*args) -> tuple:
@@ -57,7 +60,7 @@ batch_norm_forward.register_fake(_forward_fake)
 def _backward_impl(*args) -> tuple:
     a = BackwardArgs(*args[:len(BACKWARD_ARGS)])
     o, param_grads = Options.decode(args[-2]), args[-1]
-    return _fill(launch.backward(a, o, param_grads), a.input)
+    return _fill(launch.backward(a, o, param_grads), (a.input, a.save_mean, a.save_mean, a.input))
 
 
 def _backward_fake(*args) -> tuple:

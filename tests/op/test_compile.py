@@ -47,3 +47,23 @@ def test_compile_fullgraph(backend, training, device):
                                             None, None, True, momentum=0.2)
         assert_close(rm, rm_ref, **tol(torch.float32, 120))
         assert_close(rv, rv_ref, **tol(torch.float32, 120))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fake_kernels_agree_with_the_ops(training, device):
+    # torch.compile checks real outputs' dtypes and shapes against the fake kernels' (a call
+    # without batch renorm returned a float16 placeholder for (r, d) where the fake said
+    # float32; inductor refused it): opcheck compares them for both ops
+    from tritonbn.options import BackwardArgs, ForwardArgs, Options
+    x = make_input((4, 3, 5, 6), torch.float16, "channels_last", device, seed=3)
+    p = lambda v: torch.full((3,), v, device=device)  # noqa: E731
+    o = Options(training=training, momentum=0.2, eps=1e-5).encode()
+    args = (*ForwardArgs(x, p(1.0), p(0.0), None, p(0.1), p(1.2)), o)
+    torch.library.opcheck(torch.ops.tritonbn.batch_norm_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    out = torch.ops.tritonbn.batch_norm_forward.default(*args)
+    for param_grads in (True, False):
+        bargs = (*BackwardArgs(torch.ones_like(x), x, p(1.0), p(0.0), None, *out[1:4]), o,
+                 param_grads)
+        torch.library.opcheck(torch.ops.tritonbn.batch_norm_backward.default, bargs,
+                              test_utils=("test_schema", "test_faketensor"))
