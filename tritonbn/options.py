@@ -14,7 +14,7 @@ from __future__ import annotations
 import ast
 import collections
 import functools
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -62,7 +62,7 @@ class Options:
     def encode(self) -> str:
         """A canonical string for the custom op's schema (floats round-trip exactly)."""
         if torch.compiler.is_compiling():  # Dynamo folds this to a constant; no cache needed
-            return repr(astuple(self))
+            return repr(_values(self))
         return _encode(self)
 
     @staticmethod
@@ -72,7 +72,13 @@ class Options:
 
 @functools.lru_cache(maxsize=1024)
 def _encode(options: Options) -> str:
-    return repr(astuple(options))
+    return repr(_values(options))
+
+
+def _values(options: Options) -> tuple:
+    # The fields in order (dataclasses.astuple deep-copies them, which torch 2.11's Dynamo
+    # cannot trace; every field is a scalar, a string or a tuple of floats).
+    return tuple(getattr(options, f.name) for f in fields(options))
 
 
 @functools.lru_cache(maxsize=1024)
