@@ -37,3 +37,16 @@ def test_import_from_a_source_checkout_maps_its_kernels():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [os.path.join("kernels", "__init__.py"),
                                   "tritonbn.kernels.forward"]
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    # CI must test the stack a README user gets: the README's command 2, letter for letter, as
+    # the first command .ci/run runs, with no install before it that changes what pip resolves
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    command = next(line for line in readme.splitlines()
+                   if line.startswith("python -m venv") and "pytest" in line)
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        ci = [line for line in f.read().splitlines() if line and not line.startswith("#")]
+    first = next(i for i, line in enumerate(ci) if "pip " in line or "python " in line)
+    assert ci[first] == command, (ci[first], command)
