@@ -643,7 +643,7 @@ def write_markdown(preds: list, facts: dict, path: str, command: str, elapsed_s:
         lines.append(f"- {g.name}: {g.sms} SMs, copy {g.copy_bw / 1e12:g} TB/s (peak "
                      f"{g.peak_bw / 1e12:g}), L2 {g.l2_bytes / 1e6:g} MB at "
                      f"{g.l2_bw / 1e12:g} TB/s, {g.clock_hz / 1e9:g} GHz.")
-    lines += [f"- issue {ISSUE_PER_CLOCK} warp-instructions per clock per SM; launch gap "
+    lines += [f"- {ISSUE_PER_CLOCK} warp-instructions issued per clock per SM; launch gap "
               f"{LAUNCH_GAP_S * 1e6:g} us; dependent L2 round trip {L2_ROUND_TRIP_S * 1e6:g} us; "
               f"HBM round trip {HBM_LATENCY_S * 1e6:g} us; a re-read tensor hits L2 when it and "
               f"what came between fit {L2_USABLE:.0%} of the L2. Where each comes from, and which "
