@@ -7,6 +7,7 @@ each comparison with torch is tight."""
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -242,7 +243,8 @@ def test_register_conversion_for_a_subclass_and_restore(registry_entries):
     tritonbn.register_conversion(f"{__name__}.MyFrozen",       # by name, as for an optional pkg
                                  lambda m: (_frozen_from(m), "made new"))
     torch_model = _randomize(_subclass_model())
-    with _no_conversion_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", tritonbn.ConversionWarning)
         model, report = tritonbn.convert_model(copy.deepcopy(torch_model), report=True)
     assert [type(m) for m in model] == [tritonbn.BatchNorm2d, tritonbn.BatchNorm2d,
                                         tritonbn.FrozenBatchNorm2d]
@@ -259,17 +261,6 @@ def _frozen_from(m):
     for name, b in m.named_buffers():
         setattr(new, name, b)
     return new
-
-
-class _no_conversion_warning:
-    def __enter__(self):
-        import warnings
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("error", tritonbn.ConversionWarning)
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
 
 
 def test_not_convertible_reason_reaches_the_warning(registry_entries):
