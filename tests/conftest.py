@@ -1,8 +1,7 @@
 """Test setup: without CUDA the Triton kernels run in the interpreter on CPU tensors.
 
-``import tritonbn`` turns the interpreter on by itself when there is no GPU and triton is not
-imported yet; it is also set here, at conftest import time, so that a test module importing
-triton before tritonbn changes nothing.
+Nothing is set for that: tritonbn runs CPU tensors' kernels in Triton's interpreter by itself,
+whatever was imported first, as it does for a user (the tests run the product's own path).
 """
 import os
 
@@ -14,8 +13,6 @@ try:
 except Exception:  # pragma: no cover - torch is a hard dependency
     _HAS_CUDA = False
 
-if not _HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests assert the dispatcher's heuristics: a tuning table in the user's cache must not change
 # them (the tuning tests point TRITONBN_TUNING_TABLE at their own tables).
 os.environ.setdefault("TRITONBN_TUNING_TABLE", "off")
@@ -29,7 +26,7 @@ def device():
 
 
 def pytest_report_header(config):
-    mode = "CUDA GPU" if _HAS_CUDA else "Triton interpreter on CPU (TRITON_INTERPRET=1)"
+    mode = "CUDA GPU" if _HAS_CUDA else "Triton interpreter on CPU"
     return f"tritonbn kernels run on: {mode}"
 
 

@@ -1,14 +1,15 @@
-"""Where the kernels run, decided once per process when tritonbn is imported.
+"""Where the kernels run, per tensor device, whatever the process imported first.
 
-Triton reads ``TRITON_INTERPRET`` once, when it is first imported. So, before anything imports
-triton:
-
-* with a CUDA GPU: compiled kernels, as usual;
-* without one, if triton is not imported yet and ``TRITON_INTERPRET`` is unset: tritonbn sets
-  ``TRITON_INTERPRET=1``, so the same kernels run on CPU tensors in Triton's interpreter;
-* otherwise (triton imported earlier without the interpreter, or ``TRITON_INTERPRET=0`` set on
-  purpose): CPU tensors take the float64 reference path (tritonbn/reference.py), and the first
-  such call says so once with a ``ReferencePathWarning``.
+* CUDA tensors: the kernels of ``tritonbn.kernels``, compiled by Triton -- unless the whole
+  process runs Triton's interpreter (``TRITON_INTERPRET=1`` set by the user before triton was
+  imported), in which case Triton interprets them as it does every kernel.
+* CPU tensors: the same kernel source decorated a second time with Triton's interpreter switched
+  on for that import only (``triton.knobs``, never ``os.environ``), made on first use. So CPU
+  calls run the kernels in Triton's interpreter however triton, torchvision or timm were
+  imported, and no other Triton kernel of the process changes mode.
+* CPU tensors take the float64 reference path (tritonbn/reference.py) instead when asked:
+  ``TRITONBN_CPU=reference``, or ``TRITON_INTERPRET=0`` set on purpose (then a
+  ``ReferencePathWarning`` says so once, since that variable is about every Triton kernel).
 
 Also: in a source checkout whose ``tritonbn`` package is imported from the source tree, the
 device code lives in the top-level ``kernels/`` folder, which an installed copy carries as
@@ -16,47 +17,108 @@ device code lives in the top-level ``kernels/`` folder, which an installed copy 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+import types
 import warnings
 
 import torch
 
-__all__ = ["INTERPRETER", "ReferencePathWarning", "interpreter_enabled", "uses_reference",
-           "warn_reference_path", "launch_on_cpu_tensors"]
+__all__ = ["ReferencePathWarning", "kernels_for", "uses_reference", "warn_reference_path",
+           "interpreter_enabled", "cuda_interpreted", "CPU_ENV"]
 
-_ENV = "TRITON_INTERPRET"
+CPU_ENV = "TRITONBN_CPU"            # "kernels" (the default) or "reference"
+_KERNELS = __package__ + ".kernels"
+_INTERPRETED = __package__ + "._interpreted_kernels"
 
 
 class ReferencePathWarning(UserWarning):
     """CPU tensors ran the float64 reference path instead of the Triton kernels."""
 
 
-def _decide_interpreter() -> bool:
-    if _ENV not in os.environ and "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ[_ENV] = "1"
-    return os.environ.get(_ENV, "0") == "1"
-
-
 def _map_source_kernels() -> None:
     """Import the source tree's kernels/ as tritonbn.kernels when nothing else provides it."""
-    name = __package__ + ".kernels"
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    if name in sys.modules or os.path.isdir(os.path.join(package_dir, "kernels")):
+    if _KERNELS in sys.modules or os.path.isdir(os.path.join(package_dir, "kernels")):
         return
-    if importlib.util.find_spec(name) is not None:  # an editable install's finder knows it
+    if importlib.util.find_spec(_KERNELS) is not None:  # an editable install's finder knows it
         return
     init = os.path.join(os.path.dirname(package_dir), "kernels", "__init__.py")
     if not os.path.isfile(init):
-        raise ImportError(f"{name} is missing: neither installed with the package nor found at "
-                          f"{os.path.dirname(init)} (reinstall tritonbn)")
-    spec = importlib.util.spec_from_file_location(name, init,
-                                                  submodule_search_locations=[os.path.dirname(init)])
+        raise ImportError(f"{_KERNELS} is missing: neither installed with the package nor found "
+                          f"at {os.path.dirname(init)} (reinstall tritonbn)")
+    module = _import_package(_KERNELS, os.path.dirname(init))
+    setattr(sys.modules[__package__], "kernels", module)
+
+
+def _import_package(name: str, folder: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                  submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
-    setattr(sys.modules[__package__], "kernels", module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _reference_on_cpu() -> tuple[bool, bool]:
+    """(CPU tensors take the reference path, say so with a warning), from the environment."""
+    choice = os.environ.get(CPU_ENV, "kernels")
+    if choice not in ("kernels", "reference"):
+        raise ValueError(f"{CPU_ENV} must be 'kernels' or 'reference', got {choice!r}")
+    if choice == "reference":
+        return True, False
+    return os.environ.get("TRITON_INTERPRET") == "0", True
+
+
+_map_source_kernels()
+from . import kernels as _compiled  # noqa: E402 - after the mapping above
+
+_REFERENCE, _WARN = _reference_on_cpu()
+_interpreted = None
+_warned = False
+
+
+def cuda_interpreted() -> bool:
+    """Whether CUDA tensors' kernels run in Triton's interpreter too (TRITON_INTERPRET=1 was set
+    for the whole process when the kernels were defined)."""
+    return not hasattr(_compiled.bn_fwd_apply_kernel, "device_caches")
+
+
+def interpreter_enabled() -> bool:
+    """Whether CPU tensors run tritonbn's kernels (in Triton's interpreter); False when they take
+    the float64 reference path."""
+    return not _REFERENCE
+
+
+@contextlib.contextmanager
+def _interpreting():
+    """Triton's ``@triton.jit`` builds interpreted kernels inside this block, and only here:
+    the knob (which also writes ``TRITON_INTERPRET`` to os.environ) and the variable are both
+    put back as they were."""
+    from triton import knobs
+    knob, env = knobs.runtime, os.environ.get("TRITON_INTERPRET")
+    saved = knob.__dict__.get("interpret", _UNSET)
+    knob.interpret = True
+    try:
+        yield
+    finally:
+        if saved is _UNSET:
+            knob.__dict__.pop("interpret", None)
+        else:
+            knob.__dict__["interpret"] = saved
+        if env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = env
+
+
+_UNSET = object()
 
 
 def _check_interpreter_support() -> None:
@@ -70,43 +132,95 @@ def _check_interpreter_support() -> None:
         return tuple(int(p) for p in mod.__version__.split(".")[:2] if p.isdigit())
 
     if version(triton) < (3, 7) and version(numpy) >= (2, 4):
-        raise RuntimeError(f"The Triton {triton.__version__} interpreter (TRITON_INTERPRET=1) fails "
-                           f"with NumPy {numpy.__version__}: install 'numpy<2.4' or triton>=3.8")
+        raise RuntimeError(f"The Triton {triton.__version__} interpreter fails with NumPy "
+                           f"{numpy.__version__}, so tritonbn cannot run its kernels on CPU "
+                           f"tensors: install 'numpy<2.4' or triton>=3.8 (or set "
+                           f"{CPU_ENV}=reference)")
 
 
-INTERPRETER: bool = _decide_interpreter()
-_map_source_kernels()
-if INTERPRETER:
-    _check_interpreter_support()
-_warned = False
-_kernels_on_cpu = False
+@contextlib.contextmanager
+def _library_interpreted():
+    """Triton's own library functions (``tl.sum``, ``tl.max``, ...) are ``@triton.jit``
+    functions too, decorated when triton was imported -- compiled ones, unless the whole process
+    interprets. Inside an interpreted launch, calling one interprets its source, as Triton does
+    when it interprets everything."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    def interpret(self, *args, **kwargs):
+        device_fn = _library.get(self.fn)
+        if device_fn is None:
+            device_fn = _library.setdefault(self.fn, InterpretedFunction(self.fn))
+        return device_fn(*args, **kwargs)
+
+    saved = JITFunction.__call__
+    JITFunction.__call__ = interpret
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = saved
 
 
-def launch_on_cpu_tensors() -> None:
-    """Host timing without a GPU (``tritonbn bench --host``): CPU tensors take the kernel path,
-    whose launches a do-nothing CUDA driver receives. No kernel computes anything then: this is
-    for measuring the host path, never for real work."""
-    global _kernels_on_cpu
-    _kernels_on_cpu = True
+_library: dict = {}     # a library function's Python function -> its InterpretedFunction
 
 
-def interpreter_enabled() -> bool:
-    """Whether the kernels run in Triton's CPU interpreter (fixed when tritonbn was imported)."""
-    return INTERPRETER
+class _InterpretedKernel:
+    """A kernel of the interpreted copy, launched as ``kernel[grid](*args, **constants)``."""
+
+    def __init__(self, kernel):
+        self.kernel, self.fn = kernel, kernel.fn
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            with _library_interpreted():
+                return run(*args, **kwargs)
+        return launch
+
+
+class _InterpretedKernels:
+    """The kernels as Triton's interpreter runs them: the kernel modules imported once more,
+    under a name of their own, with the interpreter on while they are decorated."""
+
+    def __init__(self):
+        _check_interpreter_support()
+        with _interpreting():
+            self._module = _import_package(_INTERPRETED, os.path.dirname(_compiled.__file__))
+
+    def __getattr__(self, name: str) -> _InterpretedKernel:
+        kernel = _InterpretedKernel(getattr(self._module, name))
+        setattr(self, name, kernel)
+        return kernel
+
+
+def _interpreted_kernels():
+    global _interpreted
+    if _interpreted is None:
+        # the process interprets every kernel already: the kernels as defined
+        _interpreted = _compiled if cuda_interpreted() else _InterpretedKernels()
+    return _interpreted
+
+
+def kernels_for(device: torch.device):
+    """The module whose kernels run on tensors of ``device``: interpreted ones for CPU tensors,
+    compiled ones otherwise (CUDA; meta tensors, whose launches are only recorded)."""
+    if device.type == "cpu":
+        return _interpreted_kernels()
+    return _compiled
 
 
 def uses_reference(t: torch.Tensor) -> bool:
-    """A CPU tensor without the interpreter runs the float64 reference path."""
-    return t.device.type == "cpu" and not INTERPRETER and not _kernels_on_cpu
+    """A CPU tensor runs the float64 reference path when that was asked for."""
+    return _REFERENCE and t.device.type == "cpu"
 
 
 def warn_reference_path() -> None:
     global _warned
-    if not _warned:
+    if _WARN and not _warned:
         _warned = True
         warnings.warn(
             "tritonbn: CPU tensors are computed by the float64 reference path, not the Triton "
-            "kernels: triton was imported before tritonbn without TRITON_INTERPRET=1 (or it was "
-            "set to 0). Import tritonbn first, or set TRITON_INTERPRET=1 before anything imports "
-            "triton, to run the kernels in Triton's CPU interpreter.", ReferencePathWarning,
-            stacklevel=3)
+            "kernels, because TRITON_INTERPRET=0 is set. Unset it to run the kernels in "
+            f"Triton's CPU interpreter (set {CPU_ENV}=reference to choose the reference path "
+            "without this warning).", ReferencePathWarning, stacklevel=3)

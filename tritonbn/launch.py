@@ -31,17 +31,8 @@ import triton.language as tl
 
 from . import direct_launch
 from . import plan as planner
-from . import reference
+from . import _runtime, reference
 from ._runtime import uses_reference, warn_reference_path
-from .kernels import (
-    bn_bwd_apply_kernel,
-    bn_bwd_onepass_kernel,
-    bn_bwd_partial_kernel,
-    bn_fwd_apply_kernel,
-    bn_fwd_onepass_kernel,
-    bn_merge_partials_kernel,
-    bn_stats_partial_kernel,
-)
 from .layout import empty_output, max_offset, plane_view
 from .options import UPDATED, BackwardArgs, ForwardArgs, Options
 
@@ -97,16 +88,18 @@ def capture_launches():
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
-def _run(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
+def _run(name: str, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
          constants: direct_launch.Constants) -> None:
-    """Launch (and count) a kernel -- its arguments grouped as every kernel orders them -- or
-    record the launch while capture_launches is active."""
+    """Launch (and count) kernel ``name`` -- compiled, or interpreted for CPU tensors (the first
+    tensor's device decides) -- its arguments grouped as every kernel orders them; or record
+    the launch while capture_launches is active."""
+    kernel = getattr(_runtime.kernels_for(tensors[0].device), name)
     if _captured is not None:
         launch_kwargs = {k: v for k, v in constants.items() if k not in COMPILE_OPTIONS}
         _captured.append((kernel, grid, LaunchArgs(tensors, ints, floats), launch_kwargs))
         return
     direct_launch.launch(kernel, grid, tensors, ints, floats, constants)
-    LAUNCHES[kernel.fn.__name__] += 1
+    LAUNCHES[name] += 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -316,7 +309,7 @@ def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
     # partials at once: 1,024 over 4 warps is 8 per thread and accumulator
     block_c = max(1, min(planner.pow2(c) // 16, 128))
     block_k = max(1, min(planner.pow2(k), planner.MERGE_TILE // block_c))
-    _run(bn_merge_partials_kernel, (planner.cdiv(c, block_c),), (part, out), (c, k), (),
+    _run("bn_merge_partials_kernel", (planner.cdiv(c, block_c),), (part, out), (c, k), (),
          _constants(None, MOMENTS=moments, ACC=_tl(part.dtype), BLOCK_K=block_k,
                     BLOCK_C=block_c, num_warps=4))
     return out
@@ -468,17 +461,17 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: _Updates) -> None
                writes[_OC], writes[_OM])
 
     if onepass:
-        _run(bn_fwd_onepass_kernel, (c_blocks,), (x, y, res, *tensors),
+        _run("bn_fwd_onepass_kernel", (c_blocks,), (x, y, res, *tensors),
              (*sizes, o.warmup_steps), spec.floats, spec.onepass)
         return
     if part is not None:
-        _run(bn_stats_partial_kernel, (c_blocks, splits), (x, part),
+        _run("bn_stats_partial_kernel", (c_blocks, splits), (x, part),
              (*sizes[:6], n_tiles_s, n_tiles, per_split), (), spec.stats)
         if o.group is not None:
             part = _gather_moments(merge_partials(part, moments=True), o.group)
         else:
             part = _merged(part, plan, moments=True)
-    _run(bn_fwd_apply_kernel, (c_blocks, splits), (x, y, res, part, *tensors),
+    _run("bn_fwd_apply_kernel", (c_blocks, splits), (x, y, res, part, *tensors),
          (*sizes, n_tiles_s, n_tiles, per_split, 0 if part is None else part.shape[1],
           o.warmup_steps), spec.floats, spec.apply)
 
@@ -579,14 +572,14 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
                           need_sums and not synchronized, splits_p2)
 
     if onepass:
-        _run(bn_bwd_onepass_kernel, (c_blocks,), (x, dy, dx, res, dres, *params, dw, db),
+        _run("bn_bwd_onepass_kernel", (c_blocks,), (x, dy, dx, res, dres, *params, dw, db),
              (view.n, c, view.s, *strides), spec.slope, spec.onepass)
         return
 
     part, total = None, float(view.n * view.s)
     if need_sums:
         part = torch.empty((2, splits, c), dtype=a.save_mean.dtype, device=x.device)
-        _run(bn_bwd_partial_kernel, (c_blocks, splits), (x, dy, res, *params, part),
+        _run("bn_bwd_partial_kernel", (c_blocks, splits), (x, dy, res, *params, part),
              (view.n, c, view.s, *strides[:6], *strides[9:12], n_tiles_s, n_tiles, per_split),
              spec.slope, spec.partial)
     if synchronized:
@@ -603,6 +596,6 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
         db.zero_()
     if x.numel() == 0:
         return
-    _run(bn_bwd_apply_kernel, (c_blocks, splits), (x, dy, dx, res, dres, *params, part, dw, db),
+    _run("bn_bwd_apply_kernel", (c_blocks, splits), (x, dy, dx, res, dres, *params, part, dw, db),
          (view.n, c, view.s, *strides, n_tiles_s, n_tiles, per_split,
           0 if part is None else part.shape[1]), (total, *spec.slope), spec.apply)

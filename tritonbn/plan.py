@@ -19,7 +19,7 @@ import torch
 
 from . import tuning_table
 from ._frozen import cached_hash
-from ._runtime import interpreter_enabled
+from ._runtime import cuda_interpreted
 from .options import OPS
 
 __all__ = ["OPS", "DeviceInfo", "Plan", "device_info", "make_plan", "forced_plan", "forced_fields",
@@ -66,7 +66,7 @@ def planning_for(device: DeviceInfo):
 def device_info(device: torch.device) -> DeviceInfo:
     if _device_override is not None:
         return _device_override
-    if device.type == "cuda" and not interpreter_enabled():
+    if device.type == "cuda" and not cuda_interpreted():
         return _cuda_info(device.index if device.index is not None else torch.cuda.current_device())
     return INTERPRETER
 

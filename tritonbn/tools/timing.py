@@ -23,8 +23,8 @@ FLUSH_BYTES = 256 * 1024 * 1024
 
 def run_device() -> str:
     """Where tune and bench run kernels: the GPU, or CPU tensors in the Triton interpreter."""
-    from .._runtime import interpreter_enabled
-    return "cuda" if torch.cuda.is_available() and not interpreter_enabled() else "cpu"
+    from .._runtime import cuda_interpreted
+    return "cuda" if torch.cuda.is_available() and not cuda_interpreted() else "cpu"
 
 
 def smoke_mode() -> bool:
@@ -105,12 +105,13 @@ def make_timer(warmup_ms: float = 25.0, rep_ms: float = 100.0, smoke_reps: int =
 
 
 def require_kernels_runnable() -> None:
-    """Tune and bench launch the Triton kernels; on CPU that needs the interpreter, which must be
-    on before triton is imported (the CLI re-executes itself with it)."""
+    """Tune and bench launch the Triton kernels; on CPU tensors they run in Triton's
+    interpreter, unless the float64 reference path was chosen."""
     from .._runtime import interpreter_enabled
     if run_device() == "cpu" and not interpreter_enabled():
-        raise RuntimeError("no GPU: set TRITON_INTERPRET=1 before importing tritonbn (the "
-                           "`tritonbn tune` / `tritonbn bench` commands do this themselves)")
+        raise RuntimeError("no GPU, and CPU tensors take the float64 reference path "
+                           "(TRITONBN_CPU=reference or TRITON_INTERPRET=0): unset it to run the "
+                           "kernels in Triton's interpreter")
 
 
 def machine_info() -> dict:
