@@ -4,7 +4,11 @@ import io
 import json
 import math
 import os
+import re
+import subprocess
 import sys
+
+import warnings
 
 import pytest
 import torch
@@ -13,9 +17,11 @@ import tritonbn
 from tritonbn.tools import overflow_profile as prof
 from tests.helpers import assert_close, tol
 
-META_KEYS = {"device", "date", "tritonbn", "torch", "triton", "numpy"}
+META_KEYS = {"device", "date", "tritonbn", "torch", "triton", "numpy", "input"}
 ROW_FIELDS = {"dtype", "reduction", "amplitude", "weight", "bias", "impl", "nonfinite_out",
-              "nonfinite_grad", "at_or_beyond_max", "max_abs_err", "running_finite"}
+              "nonfinite_out_ref_finite", "nonfinite_out_ieee", "nonfinite_grad",
+              "nonfinite_grad_ref_finite", "nonfinite_grad_ieee", "failures", "at_or_beyond_max",
+              "max_abs_err", "running_finite"}
 
 
 def test_naive_half_fails_where_tritonbn_is_exact(device):
@@ -65,6 +71,7 @@ def test_json_and_csv_carry_the_metadata(quick_run):
     assert meta["device"] == (torch.cuda.get_device_name() if torch.cuda.is_available()
                               else "CPU, Triton interpreter")
     assert meta["dtypes"] == ["float16"] and meta["reductions"] == [64]
+    assert meta["input"] == prof.INPUT_DESCRIPTION
     csv_meta, csv_rows = prof.read_csv(str(quick_run["out"] / "overflow_profile.csv"))
     assert {k: csv_meta[k] for k in META_KEYS} == {k: str(meta[k]) for k in META_KEYS}
     # the file is comment lines, then what csv.DictReader reads
@@ -80,6 +87,91 @@ def test_json_and_csv_carry_the_metadata(quick_run):
 def test_progress_goes_to_stderr(quick_run):
     assert "point" in quick_run["stderr"] and "3/3" in quick_run["stderr"]
     assert "point" not in quick_run["stdout"]   # stdout is the table and the paths written
+
+
+def test_the_input_is_what_the_description_says():
+    # uniform in [-amplitude, amplitude] with both extremes present, then rounded to the dtype
+    x = prof._make_point_input(1000.0, torch.float16, 4, 2, 16, seed=0)
+    assert x.dtype == torch.float16
+    for c in range(2):
+        ch = x[:, c].double()
+        assert ch.max() == 1000.0 and ch.min() == -1000.0
+        assert (ch.abs() <= 1000.0).all()
+    inner = x.double().flatten()[1:-1]
+    # a uniform draw: about half the values beyond amplitude / 2 (a normal one: about 1 in 3,
+    # of an amplitude-sized sigma; here 1 in 2 of an amplitude-sized half-width)
+    assert 0.3 < float((inner.abs() > 500).double().mean()) < 0.7
+    assert torch.isinf(prof._make_point_input(70000.0, torch.float16, 4, 2, 16, 0)).any()
+    x = prof._make_point_input("nan", torch.float16, 4, 2, 16, seed=0)
+    assert torch.isnan(x[0, 0, 0]) and int(torch.isnan(x).sum()) == 1
+    assert float(x[torch.isfinite(x)].abs().max()) <= 100
+    # the description says this, and the console prints it
+    assert "uniformly from [-amplitude, amplitude]" in prof.INPUT_DESCRIPTION
+    assert "normal" not in prof.INPUT_DESCRIPTION and "N(0" not in prof.INPUT_DESCRIPTION
+
+
+def test_console_prints_the_input_and_a_failures_column(quick_run):
+    out = quick_run["stdout"]
+    assert f"input: {prof.INPUT_DESCRIPTION}" in out
+    header = next(line for line in out.splitlines() if line.startswith("dtype"))
+    assert "failures" in header.split()
+    # "nonfinite y" and "nonfinite dx": one column, two words each
+    col = header.split().index("failures") - 2
+    naive = next(line for line in out.splitlines()
+                 if line.startswith("float16") and "65000.0" in line and "naive" in line)
+    rows = json.load(open(quick_run["out"] / "overflow_profile.json"))["rows"]
+    edge = next(r for r in rows if r["impl"] == "naive-float16" and r["amplitude"] == "65000.0")
+    assert int(naive.split()[col]) == edge["failures"] > 0
+    assert re.search(r"^failures: non-finite values", out, re.M)
+
+
+def test_summary_table_failures_column_leaves_out_ieee_overflow():
+    rows = [_row(impl="tritonbn", out=5, out_bad=5, nonfinite_out_ieee=5, failures=0),
+            _row(impl="tritonbn-saturate", out=1, out_bad=1, nonfinite_out_ieee=1, failures=1),
+            _row(impl="naive-float16", out=64, out_bad=64, grad=64, grad_bad=64, failures=128)]
+    lines = prof.summary_table(rows).splitlines()
+    col = lines[0].split().index("failures") - 2   # as above: two two-word headers before it
+    assert [int(line.split()[col]) for line in lines[1:4]] == [0, 1, 128]
+
+
+def test_metrics_tell_ieee_overflow_from_failures():
+    # float64 results: one beyond float16's range each way, one in range
+    ref = torch.tensor([7e4, -7e4, 1.0, 2.0], dtype=torch.float64)
+    rm, rv = torch.zeros(1), torch.ones(1)
+
+    def metrics(y, impl):
+        return prof._metrics(y, None, ref, None, rm, rv, torch.float16, impl)
+    ieee = ref.half()                              # [inf, -inf, 1, 2]: the IEEE cast
+    m = metrics(ieee, "tritonbn")
+    assert (m["nonfinite_out"], m["nonfinite_out_ref_finite"], m["nonfinite_out_ieee"],
+            m["failures"]) == (2, 2, 2, 0)
+    assert metrics(ieee, "torch")["failures"] == metrics(ieee, "naive-float16")["failures"] == 0
+    # the saturate policy promises +-65,504 there: its inf is a failure
+    assert metrics(ieee, "tritonbn-saturate")["failures"] == 2
+    # NaN, or an inf of the wrong sign, where float64 is beyond the range: not IEEE overflow
+    wrong = torch.tensor([float("nan"), float("inf"), 1.0, 2.0]).half()
+    assert metrics(wrong, "tritonbn")["nonfinite_out_ieee"] == 0
+    assert metrics(wrong, "tritonbn")["failures"] == 2
+    # inf where float64 is in range: a failure for everyone
+    assert metrics(torch.tensor([65504.0, -65504.0, float("inf"), 2.0]).half(),
+                   "tritonbn")["failures"] == 1
+
+
+def test_sweep_classifies_propagate_overflow_as_ieee_not_failure():
+    # γ = 30,000, β = 60,000: float64's y passes 65,504, so the default policy and torch store
+    # inf there (the IEEE cast), saturate stores 65,504: none of them fails
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rows = prof.profile(dtypes=("float16",), amplitudes=[1.0], weight_scales=(3e4,),
+                            biases=(6e4,), sizes=(64,))
+    by = {r["impl"]: r for r in rows}
+    for impl in ("tritonbn", "torch"):
+        r = by[impl]
+        assert r["nonfinite_out"] > 0 and r["nonfinite_out_ieee"] == r["nonfinite_out"]
+        assert r["failures"] == 0 and prof._flag(r) == prof.IEEE_OVERFLOW
+    saturate = by["tritonbn-saturate"]
+    assert saturate["nonfinite_out"] == 0 and saturate["failures"] == 0
+    assert saturate["at_or_beyond_max"] == by["tritonbn"]["nonfinite_out"]
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -162,7 +254,56 @@ def test_plot_data_one_panel_per_reduction_size():
     assert data.amplitudes == ["1.0", "1000.0", "65000.0", "70000.0", "inf"]
     assert data.tick_labels[:4] == ["1", "1,000", "65,000", "70,000"]
     assert data.tick_labels[-1].startswith("inf")
-    assert data.limit_x == 2.5                      # 65,504: between 65,000 and 70,000
+    # 65,504: between 65,000 and 70,000, in every float16 panel
+    assert [p.limit_x for p in data.grid[0]] == [2.5, 2.5]
+    assert data.limits == {"float16": torch.finfo(torch.float16).max}
+
+
+def test_each_panel_draws_its_own_dtypes_max_and_only_on_its_axis():
+    rows = [dict(r, dtype=d) for d in ("float16", "bfloat16", "float32") for r in _sweep_rows()]
+    data = prof.plot_data(rows)
+    panels = {row[0].dtype: row for row in data.grid}
+    for dtype, row in panels.items():
+        assert all(p.limit == torch.finfo(getattr(torch, dtype)).max for p in row)
+    assert all(p.limit_x == 2.5 for p in panels["float16"])
+    # bfloat16's and float32's largest values (~3.4e38) lie far beyond the swept 70,000: no line
+    assert all(p.limit_x is None for d in ("bfloat16", "float32") for p in panels[d])
+    assert data.limits == {"float16": 65504.0}
+    # a sweep that reaches bfloat16's max draws bfloat16's line, and float16's is then off
+    # the axis (below the smallest amplitude)
+    big = [dict(r, amplitude=a) for r in rows if r["amplitude"] == "1.0"
+           for a in ("1e+38", "3.395e+38", "3.41e+38")]
+    data = prof.plot_data(big, extra=None)
+    panels = {row[0].dtype: row[0] for row in data.grid}
+    assert panels["float16"].limit_x is None
+    # bfloat16's 3.3895e38 before the second slot, float32's 3.4028e38 before the third
+    assert panels["bfloat16"].limit_x == 0.5 and panels["float32"].limit_x == 1.5
+    assert set(data.limits) == {"bfloat16", "float32"}
+
+
+def test_plot_draws_each_dtypes_line_only_in_its_panels(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    import matplotlib.figure
+    lines, labels = [], []
+    axvline, legend = matplotlib.axes.Axes.axvline, matplotlib.figure.Figure.legend
+
+    def spy_axvline(ax, x=0, *args, **kwargs):
+        lines.append((ax, x, kwargs.get("color")))
+        return axvline(ax, x, *args, **kwargs)
+
+    def spy_legend(fig, *args, handles=(), **kwargs):
+        labels.extend(h.get_label() for h in handles)
+        return legend(fig, *args, handles=handles, **kwargs)
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline", spy_axvline)
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", spy_legend)
+    rows = [dict(r, dtype=d) for d in ("float16", "bfloat16") for r in _sweep_rows()]
+    assert prof.plot({"meta": {}, "rows": rows}, str(tmp_path / "p.png"))
+    # float16's two panels (status strip and error axis each): four lines, all at 65,504
+    assert len(lines) == 4 and {x for _, x, _ in lines} == {2.5}
+    assert all("float16" in ax.get_title() or ax.get_title() == "" for ax, _, _ in lines)
+    assert sum("largest finite value" in label for label in labels) == 1
+    assert "65,504: float16's largest finite value" in labels
 
 
 def test_plot_data_puts_nonfinite_points_in_the_strip_not_on_the_axis():
@@ -235,10 +376,79 @@ def test_without_matplotlib_json_and_csv_are_still_written(tmp_path, monkeypatch
     assert not os.path.exists(tmp_path / "overflow_profile.png")
 
 
+def _propagate_rows():
+    """float16 at γ = 30,000, β = 60,000 as the sweep measures it: the default policy and torch
+    store inf where float64 passes 65,504 (IEEE overflow, no failure), saturate stores 65,504,
+    the naive one fails (its gradient is non-finite where float64's is finite)."""
+    rows = []
+    for amp in ("1.0", "65000.0"):
+        rows += [_row(amp=amp, impl="tritonbn", out=56, out_bad=56, nonfinite_out_ieee=56,
+                      failures=0, err=1.0),
+                 _row(amp=amp, impl="torch", out=56, out_bad=56, nonfinite_out_ieee=56,
+                      failures=0, err=1.0),
+                 _row(amp=amp, impl="tritonbn-saturate", failures=0, err=2e4),
+                 _row(amp=amp, impl="naive-float16", out=56, out_bad=56, grad=128,
+                      grad_bad=128, nonfinite_out_ieee=56, failures=128, err=2e4)]
+    return rows
+
+
+def test_plot_data_marks_propagate_overflow_apart_from_failures():
+    data = prof.plot_data(_propagate_rows(), extra=None)
+    series = {s.impl: s for s in data.grid[0][0].series}
+    for impl in ("tritonbn", "torch"):
+        assert [pt.flag for pt in series[impl].points] == [prof.IEEE_OVERFLOW] * 2
+        assert [pt.err for pt in series[impl].points] == [1.0, 1.0]   # the finite values' error
+        assert not series[impl].flagged(prof.NONFINITE)
+    assert [pt.flag for pt in series["naive-float16"].points] == [prof.NONFINITE] * 2
+    assert [pt.flag for pt in series["tritonbn-saturate"].points] == [None, None]
+    assert data.legend[-2:] == [prof.NONFINITE, prof.IEEE_OVERFLOW]
+    # a saturate row with inf where float64 passes the range is a failure (failures > 0)
+    bad = _row(impl="tritonbn-saturate", out=3, out_bad=3, nonfinite_out_ieee=3, failures=3)
+    assert prof._flag(bad) == prof.NONFINITE
+    # the CSV's strings classify the same way
+    assert prof._flag({k: str(v) for k, v in _propagate_rows()[0].items()}) == prof.IEEE_OVERFLOW
+
+
+def test_plot_gives_ieee_overflow_its_own_neutral_marker(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+    labels = {}
+    legend = matplotlib.figure.Figure.legend
+
+    def spy_legend(fig, *args, handles=(), **kwargs):
+        labels.update({h.get_label(): h for h in handles})
+        return legend(fig, *args, handles=handles, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "legend", spy_legend)
+    assert prof.plot({"meta": {}, "rows": _propagate_rows()}, str(tmp_path / "p.png"),
+                     extra=None)
+    ieee = labels[prof.FLAG_LABELS[prof.IEEE_OVERFLOW]]
+    failure = labels[prof.FLAG_LABELS[prof.NONFINITE]]
+    assert "as torch (propagate)" in ieee.get_label()
+    assert failure.get_marker() == "X" and failure.get_color() == "red"
+    assert ieee.get_marker() == "o" and ieee.get_markerfacecolor() != "red"
+    assert ieee.get_color() != "red"
+
+
 def test_plot_draws_the_synthetic_profile(tmp_path):
     pytest.importorskip("matplotlib")
     rows = _sweep_rows()
     path = str(tmp_path / "p.png")
     assert prof.plot({"meta": {"device": "test", "date": "today"}, "rows": rows}, path)
     assert os.path.getsize(path) > 10_000
-    assert not math.isnan(prof.plot_data(rows).limit_x)
+    assert not math.isnan(prof.plot_data(rows).grid[0][0].limit_x)
+
+
+def test_without_out_writes_into_the_current_directory_only(tmp_path):
+    # as a user runs it, from a folder that is not a checkout: no bench/results tree appears
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tritonbn", "overflow", "--quick", "--dtypes",
+                           "float16", "--sizes", "2", "--no-progress"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = re.findall(r"^wrote (.+)$", proc.stdout, re.M)
+    assert len(written) == 3, proc.stdout
+    assert not (tmp_path / "bench").exists()
+    assert sorted(os.listdir(tmp_path)) == ["overflow_profile.csv", "overflow_profile.json",
+                                            "overflow_profile.png"]
+    for path in written:   # the paths printed are where the files are
+        assert os.path.isfile(os.path.join(tmp_path, path))

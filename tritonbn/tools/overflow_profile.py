@@ -4,10 +4,19 @@ Sweeps input amplitude (finite values at the edge, values that round to inf, inf
 weight scale, bias, reduction size and dtype, forward and backward, for tritonbn (both output
 policies), torch eager and a naive batch norm that accumulates in the input's half precision,
 each against the float64 reference; prints a table and writes ``<stem>.json``, ``<stem>.csv`` and
-``<stem>.png`` (the PNG needs matplotlib; without it the tool says "no PNG" and writes the rest).
+``<stem>.png`` into ``--out`` (default: the current directory), printing each path written (the
+PNG needs matplotlib; without it the tool says "no PNG" and writes the rest).
+
+The input (INPUT_DESCRIPTION, also in the files' metadata as "input"): per channel, values drawn
+uniformly from [-amplitude, amplitude] in float64 with +amplitude and -amplitude placed once each,
+so that the amplitude is exactly the largest |x| the batch norm sees, then rounded to the dtype
+(float16 rounds 70,000 to inf). A uniform draw with the extremes pinned, rather than a normal
+one, because the sweep is about the largest |x|: a normal draw's maximum would vary with the
+reduction size and the seed. The inf and NaN amplitudes draw from [-100, 100] instead and put one
+inf or NaN in channel 0.
 
 Both files carry the same metadata (device, tritonbn / torch / triton / numpy versions, date and
-what was swept):
+what was swept, the input as described above):
 
 * JSON: one object ``{"meta": {...}, "rows": [...]}``, one row per (point, implementation).
 * CSV: the metadata first, as ``# key: value`` comment lines (lists comma-separated), then an
@@ -18,16 +27,25 @@ what was swept):
 Each row has: dtype, reduction (values per channel), amplitude (a string: "65000.0", "inf",
 "nan"), weight, bias, impl; then nonfinite_out / nonfinite_grad (non-finite values in y / dx),
 nonfinite_out_ref_finite / nonfinite_grad_ref_finite (those of them where the float64 result is
-finite: the real failures; an inf input makes float64 non-finite too), at_or_beyond_max (|y| at
-or above the dtype's max), max_abs_err (largest |y - y64| over the values both have finite; NaN
-when there are none) and running_finite. An implementation that raises gets an ``error`` field
+finite; an inf input makes float64 non-finite too), nonfinite_out_ieee / nonfinite_grad_ieee (of
+those, the values where float64's result lies beyond the dtype's range and the implementation
+stored the same-signed inf the IEEE cast gives: what tritonbn's default overflow="propagate" and
+torch document), failures (non-finite values where float64 is finite that are not that IEEE
+overflow, y and dx together: the real failures; for the "saturate" policy, which promises
++-max instead of inf, the IEEE overflow counts too), at_or_beyond_max (|y| at or above the
+dtype's max), max_abs_err (largest |y - y64| over the values both have finite; NaN when there
+are none) and running_finite. An implementation that raises gets an ``error`` field
 instead of the measurements. The backward pass takes a gradient of ones, for which dx is exactly
 0 in exact arithmetic: it shows where non-finite values appear, not how accurate dx is.
 
 The PNG has a panel per (dtype, reduction size) at γ = 1, β = 0, plus a column at γ = 30,000,
 β = 60,000: max |y - y64| on a log axis against the swept amplitudes, and above each panel a
-strip with a lane per implementation that marks its non-finite results (red X where float64 is
-finite). plot_data() decides everything the plot shows and can be tested without drawing.
+strip with a lane per implementation that marks its non-finite results: a red X for failures
+only; the IEEE overflow of the propagate policy and torch, and non-finite values float64 has too,
+get neutral markers of their own. Each panel draws its dtype's largest finite value as a dashed
+line where that value falls inside the swept amplitudes (float16's 65,504; bfloat16's and
+float32's lie far beyond). plot_data() decides everything the plot shows and can be tested
+without drawing.
 Progress goes to stderr during the sweep (``--no-progress`` turns it off).
 """
 from __future__ import annotations
@@ -47,21 +65,27 @@ import torch
 
 from .shapes import DTYPES
 
-__all__ = ["AMPLITUDES", "FIELDS", "naive_half", "n_points", "profile", "metadata",
-           "summary_table", "write_data", "read_csv", "plot_data", "plot", "build_parser", "main"]
-
-# float16's largest finite value: the limit the sweep is built around.
-FP16_MAX = torch.finfo(torch.float16).max
+__all__ = ["AMPLITUDES", "FIELDS", "INPUT_DESCRIPTION", "stores_ieee", "naive_half", "n_points",
+           "profile", "metadata", "summary_table", "write_data", "read_csv", "plot_data", "plot",
+           "build_parser", "main"]
 
 # 1 ... 32,000: from tame to "x² overflows float16" (above 256) to within 2x of the limit;
 # 65,000: within 1% of 65,504; 70,000: rounds to inf in float16 (anything >= 65,520 does);
 # "inf" / "nan": one such value in channel 0, the rest of the batch tame.
 AMPLITUDES = [1.0, 256.0, 1e3, 1e4, 3.2e4, 65000.0, 70000.0, "inf", "nan"]
 
+# What every point's input is (_make_point_input): printed, and in the files' metadata.
+INPUT_DESCRIPTION = (
+    "per channel, values drawn uniformly from [-amplitude, amplitude] in float64 with +amplitude "
+    "and -amplitude placed once each (the amplitude is exactly the largest |x|), then rounded to "
+    "the dtype (float16 rounds 70,000 to inf); for the inf and NaN amplitudes, values drawn "
+    "uniformly from [-100, 100] with one inf or NaN in channel 0")
+
 # The row fields, in the order the CSV writes them (fields a row lacks stay empty there).
 FIELDS = ["dtype", "reduction", "amplitude", "weight", "bias", "impl", "nonfinite_out",
-          "nonfinite_out_ref_finite", "nonfinite_grad", "nonfinite_grad_ref_finite",
-          "at_or_beyond_max", "max_abs_err", "running_finite", "error"]
+          "nonfinite_out_ref_finite", "nonfinite_out_ieee", "nonfinite_grad",
+          "nonfinite_grad_ref_finite", "nonfinite_grad_ieee", "failures", "at_or_beyond_max",
+          "max_abs_err", "running_finite", "error"]
 
 
 def naive_half(x: torch.Tensor, w, b, running_mean, running_var, eps=1e-5, momentum=0.1):
@@ -98,6 +122,7 @@ def _split(m: int) -> tuple[int, int]:
 
 
 def _make_point_input(amp, dtype, n, c, s, seed):
+    """The (n, c, s) input of one point, as INPUT_DESCRIPTION says."""
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(n, c, s, generator=g, dtype=torch.float64) * 2 - 1
     if isinstance(amp, str):
@@ -117,19 +142,42 @@ def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float(err.max()) if err.numel() else float("nan")
 
 
-def _metrics(y, dx, ref, ref_dx, rm, rv, dtype):
+def _nonfinite_counts(a: torch.Tensor, ref: torch.Tensor, dtype) -> tuple[int, int, int]:
+    """(non-finite values of ``a``; those where float64's ``ref`` is finite; of those, the ones
+    that are IEEE overflow: ``ref`` beyond the dtype's range and ``a`` the same-signed inf that
+    casting ``ref`` to the dtype gives)."""
+    bad = ~torch.isfinite(a)
+    ref_finite = bad & torch.isfinite(ref)
+    ieee = ref_finite & (a.double() == ref.to(dtype).double())   # equal only where both are inf
+    return int(bad.sum()), int(ref_finite.sum()), int(ieee.sum())
+
+
+def stores_ieee(impl: str) -> bool:
+    """Whether an implementation's documented result for a finite value beyond the dtype's range
+    is the IEEE cast's inf: tritonbn's default overflow="propagate" (inf exactly where torch has
+    inf), torch, and the naive batch norm (plain torch arithmetic). Not "tritonbn-saturate",
+    which promises +-max instead: an inf there is a failure."""
+    return impl in ("tritonbn", "torch") or impl.startswith("naive-")
+
+
+def _metrics(y, dx, ref, ref_dx, rm, rv, dtype, impl="tritonbn"):
     """One implementation's measurements at one point (fields in FIELDS order)."""
     lim = torch.finfo(dtype).max
+    out, out_ref_finite, out_ieee = _nonfinite_counts(y, ref, dtype)
     if dx is None:   # no gradient reached the input: -1, "not measured"
-        grad = dict(nonfinite_grad=-1, nonfinite_grad_ref_finite=-1)
+        grad = dict(nonfinite_grad=-1, nonfinite_grad_ref_finite=-1, nonfinite_grad_ieee=-1)
+        grad_failures = 0
     else:
-        grad = dict(nonfinite_grad=int((~torch.isfinite(dx)).sum()),
-                    nonfinite_grad_ref_finite=int((~torch.isfinite(dx)
-                                                   & torch.isfinite(ref_dx)).sum()))
+        n, ref_finite, ieee = _nonfinite_counts(dx, ref_dx, dtype)
+        grad = dict(nonfinite_grad=n, nonfinite_grad_ref_finite=ref_finite,
+                    nonfinite_grad_ieee=ieee)
+        grad_failures = ref_finite - (ieee if stores_ieee(impl) else 0)
     return dict(
-        nonfinite_out=int((~torch.isfinite(y)).sum()),
-        nonfinite_out_ref_finite=int((~torch.isfinite(y) & torch.isfinite(ref)).sum()),
+        nonfinite_out=out,
+        nonfinite_out_ref_finite=out_ref_finite,
+        nonfinite_out_ieee=out_ieee,
         **grad,
+        failures=out_ref_finite - (out_ieee if stores_ieee(impl) else 0) + grad_failures,
         at_or_beyond_max=int((y.double().abs() >= lim).sum()),
         max_abs_err=_max_err(y, ref),
         running_finite=bool(torch.isfinite(rm).all() and torch.isfinite(rv).all()),
@@ -186,7 +234,7 @@ def profile(dtypes=("float16", "bfloat16", "float32"), amplitudes=AMPLITUDES,
                             try:
                                 y = fn(x, rm, rv)
                                 y.backward(g)
-                                row = _metrics(y.detach(), x.grad, ref, ref_dx, rm, rv, dtype)
+                                row = _metrics(y.detach(), x.grad, ref, ref_dx, rm, rv, dtype, impl)
                             except Exception as e:  # an implementation that refuses the input
                                 row = dict(error=f"{type(e).__name__}: {str(e)[:80]}")
                             rows.append(dict(dtype=dname, reduction=n * s, amplitude=str(amp),
@@ -235,6 +283,7 @@ def metadata(dtypes, sizes, amplitudes, weight_scales, biases, channels=2, seed=
         "weights": list(weight_scales),
         "biases": list(biases),
         "seed": seed,
+        "input": INPUT_DESCRIPTION,
         "reference": "float64 (tritonbn.batch_norm_reference on the input as rounded to dtype)",
     }
 
@@ -279,16 +328,36 @@ def read_csv(path: str) -> tuple[dict, list[dict]]:
 # The plot. plot_data() turns rows into panels, series and points with everything decided
 # (positions, which points are non-finite, which legend entries exist); plot() only draws that.
 
-# What a point's marker in a panel's status strip says.
-NONFINITE = "nonfinite"        # non-finite output or gradient where float64 is finite: broken
-AS_REFERENCE = "as_reference"  # non-finite only where float64 is too (an inf / NaN input)
+# What a point's marker in a panel's status strip says, most serious first (a point gets the
+# first that applies).
 RAISED = "raised"              # the implementation raised instead of returning
+NONFINITE = "nonfinite"        # a failure: non-finite where float64 is finite (row "failures")
+IEEE_OVERFLOW = "ieee"         # inf where float64 is beyond the dtype's range, as documented:
+#                                the propagate policy's IEEE cast, as torch (no failures)
+AS_REFERENCE = "as_reference"  # non-finite only where float64 is too (an inf / NaN input)
 
 FLAG_LABELS = {
-    NONFINITE: "non-finite output or gradient where float64 is finite",
+    NONFINITE: "failure: non-finite output or gradient where float64 is finite",
+    IEEE_OVERFLOW: "inf as IEEE / as torch (propagate): float64 beyond the dtype's range",
     AS_REFERENCE: "non-finite only where float64 is too (inf / NaN input)",
     RAISED: "raised an error",
 }
+
+# Each flag's marker, in the strips and the legend alike: red only for failures, the documented
+# non-finite results in neutral colours (hollow grey: as float64; filled amber: IEEE overflow).
+FLAG_STYLES = {
+    NONFINITE: dict(marker="X", ms=9, color="red", markerfacecolor="red", markeredgecolor="red",
+                    markeredgewidth=1.0),
+    IEEE_OVERFLOW: dict(marker="o", ms=7, color="#e8a33d", markerfacecolor="#e8a33d",
+                        markeredgecolor="0.35", markeredgewidth=0.9),
+    AS_REFERENCE: dict(marker="o", ms=7, color="0.45", markerfacecolor="none",
+                       markeredgecolor="0.45", markeredgewidth=1.3),
+    RAISED: dict(marker="s", ms=7, color="black", markerfacecolor="black",
+                 markeredgecolor="black", markeredgewidth=1.0),
+}
+
+# The dashed line of each dtype's largest finite value, drawn in that dtype's panels only.
+LIMIT_COLORS = {"float16": "crimson", "bfloat16": "#8c564b", "float32": "#17becf"}
 
 # Implementations in drawing order with their look. tritonbn, its saturate policy and torch give
 # the same errors wherever all three are finite, so each has its own marker shape and line style,
@@ -322,7 +391,7 @@ class Point:
     slot: int            # the amplitude's place on the x axis (PlotData.amplitudes)
     x: float             # where the error marker goes: the slot plus the series' offset
     err: float | None    # max |y - y64| to draw, None when there is nothing finite to draw
-    flag: str | None     # NONFINITE / AS_REFERENCE / RAISED, or None when all is finite
+    flag: str | None     # a key of FLAG_LABELS, or None when all is finite
 
 
 @dataclass
@@ -347,6 +416,8 @@ class Panel:
     weight: float
     bias: float
     series: list[Series]            # only series with at least one point, in IMPL_STYLES order
+    limit: float | None = None      # the dtype's largest finite value (None: not a known dtype)
+    limit_x: float | None = None    # where it falls on the x axis (None: outside the sweep)
 
     @property
     def title(self) -> str:
@@ -358,10 +429,10 @@ class Panel:
 class PlotData:
     amplitudes: list[str]           # the x slots, left to right (numeric ascending, inf, nan)
     tick_labels: list[str]
-    limit_x: float | None           # where 65,504 falls on the x axis (None: outside the sweep)
     grid: list[list[Panel]]         # panels by row (dtype) and column
     legend: list[str]               # styles of series with drawn errors, then flags shown
     lanes: list[str]                # the status strips' lanes, top to bottom: style keys
+    limits: dict[str, float] = field(default_factory=dict)   # dtype -> max, where a line is drawn
 
 
 def _amp_key(a: str):
@@ -379,11 +450,18 @@ def _tick_label(a: str) -> str:
 
 
 def _flag(row: dict) -> str | None:
+    """The row's status-strip flag (see FLAG_LABELS), from its counts."""
     if "error" in row and row.get("error"):
         return RAISED
     num = lambda k, default=0: float(row.get(k, default) or 0)  # noqa: E731 - CSV gives strings
-    # files from before the *_ref_finite fields: any non-finite value counts as broken
-    if num("nonfinite_out_ref_finite", num("nonfinite_out")) > 0 or \
+    if row.get("failures") not in (None, ""):
+        if num("failures") > 0:
+            return NONFINITE
+        if num("nonfinite_out_ieee") > 0 or num("nonfinite_grad_ieee") > 0:
+            return IEEE_OVERFLOW
+    # files from before the "failures" field: any non-finite value where float64 is finite
+    # counts as a failure (and from before the *_ref_finite fields, any non-finite value)
+    elif num("nonfinite_out_ref_finite", num("nonfinite_out")) > 0 or \
             num("nonfinite_grad_ref_finite", max(num("nonfinite_grad"), 0)) > 0:
         return NONFINITE
     if num("nonfinite_out") > 0 or num("nonfinite_grad") > 0:
@@ -391,13 +469,21 @@ def _flag(row: dict) -> str | None:
     return None
 
 
-def _limit_position(amplitudes: list[str]) -> float | None:
-    """65,504 on the slot axis: halfway between the last swept amplitude below it and the first
-    above (a boundary between two slots; interpolating would put it on top of 65,000's
-    markers); None when the sweep has no finite amplitude on one side of it."""
+def _dtype_max(dtype: str) -> float | None:
+    """torch.finfo(dtype).max for a dtype named as the rows name it; None for another name."""
+    return torch.finfo(DTYPES[dtype]).max if dtype in DTYPES else None
+
+
+def _limit_position(amplitudes: list[str], limit: float | None) -> float | None:
+    """``limit`` on the slot axis: halfway between the last swept amplitude at or below it and
+    the first above (a boundary between two slots; interpolating would put float16's 65,504 on
+    top of 65,000's markers); None when the sweep has no finite amplitude on one side of it:
+    the line would be off the axis, so none is drawn."""
+    if limit is None:
+        return None
     finite = [(i, float(a)) for i, a in enumerate(amplitudes) if _amp_key(a)[0] == 0]
     for (i0, a0), (i1, a1) in zip(finite, finite[1:]):
-        if a0 <= FP16_MAX < a1:
+        if a0 <= limit < a1:
             return (i0 + i1) / 2
     return None
 
@@ -407,10 +493,14 @@ def plot_data(rows: list[dict], main: tuple[float, float] = (1.0, 0.0),
     """Rows -> what the plot draws. One panel per (dtype, reduction size) at γ, β = ``main``, in
     a grid: a row per dtype, a column per reduction size, and, when the rows have it, one more
     column for γ, β = ``extra`` at the largest reduction size. A point carries its error (max
-    |y - y64| over the finite values) unless the implementation raised or gave non-finite
-    values where float64 is finite; those points, and those non-finite only where float64 is
-    too, carry a flag for the status strip (NONFINITE, RAISED, AS_REFERENCE). Rows read back
-    from the CSV (strings) work too."""
+    |y - y64| over the finite values) unless the implementation raised or failed (non-finite
+    values where float64 is finite, other than the IEEE overflow its policy documents); those
+    points carry a flag for the status strip (RAISED, NONFINITE), and so do the points whose
+    non-finite values are documented: IEEE_OVERFLOW (inf where float64 is beyond the dtype's
+    range, for the propagate policy, torch and naive) and AS_REFERENCE (non-finite where float64
+    is too). Each panel carries its dtype's largest finite value and where it falls on the x
+    axis (None when outside the swept amplitudes). Rows read back from the CSV (strings) work
+    too."""
     f = float   # CSV rows hold strings, JSON rows numbers
     rows = [r for r in rows if "impl" in r]
     amplitudes = sorted({str(r["amplitude"]) for r in rows}, key=_amp_key)
@@ -443,7 +533,8 @@ def plot_data(rows: list[dict], main: tuple[float, float] = (1.0, 0.0),
                 series.append(s)
         order = list(IMPL_STYLES)
         series.sort(key=lambda s: order.index(s.style) if s.style in order else len(order))
-        return Panel(dtype, m, *wb, series)
+        limit = _dtype_max(dtype)
+        return Panel(dtype, m, *wb, series, limit, _limit_position(amplitudes, limit))
 
     grid = []
     for dtype in dtypes:
@@ -461,8 +552,9 @@ def plot_data(rows: list[dict], main: tuple[float, float] = (1.0, 0.0),
     # one lane per implementation in every strip, the same in every panel (labelled once)
     styles = {s.style for row in grid for p in row for s in p.series}
     lanes = [k for k in list(IMPL_STYLES) + sorted(styles - set(IMPL_STYLES)) if k in styles]
-    return PlotData(amplitudes, [_tick_label(a) for a in amplitudes],
-                    _limit_position(amplitudes), grid, legend, lanes)
+    limits = {p.dtype: p.limit for row in grid for p in row if p.limit_x is not None}
+    return PlotData(amplitudes, [_tick_label(a) for a in amplitudes], grid, legend, lanes,
+                    limits)
 
 
 def _title(meta: dict, data: PlotData, main, extra_shown) -> str:
@@ -535,8 +627,9 @@ def plot(result: dict, path: str, main=(1.0, 0.0), extra=(3e4, 6e4)) -> bool:
             for ax_ in (strip, ax):
                 if numeric and len(numeric) < n_slots:   # the categorical inf / NaN slots
                     ax_.axvspan(numeric[-1] + 0.5, n_slots - 0.5, color="0.93", zorder=0)
-                if data.limit_x is not None:
-                    ax_.axvline(data.limit_x, color="crimson", lw=1.0, ls="--", zorder=1)
+                if p.limit_x is not None:   # this panel's dtype's max, where on the axis
+                    ax_.axvline(p.limit_x, color=LIMIT_COLORS.get(p.dtype, "0.3"), lw=1.0,
+                                ls="--", zorder=1)
             for s in p.series:
                 st = _style(s.style)
                 # errors: lines join neighbouring finite amplitudes only (NaN breaks the line)
@@ -556,16 +649,7 @@ def plot(result: dict, path: str, main=(1.0, 0.0), extra=(3e4, 6e4)) -> bool:
                 y_lane = n_lanes - 1 - data.lanes.index(s.style)
                 strip.axhline(y_lane, color="0.85", lw=0.6, zorder=0)
                 for pt in s.flagged():
-                    x = pt.slot
-                    if pt.flag == NONFINITE:
-                        strip.plot(x, y_lane, marker="X", ms=9, color="red", ls="none", zorder=3)
-                    elif pt.flag == AS_REFERENCE:
-                        strip.plot(x, y_lane, marker="o", ms=7, markerfacecolor="none",
-                                   markeredgecolor="0.45", markeredgewidth=1.3, ls="none",
-                                   zorder=3)
-                    else:
-                        strip.plot(x, y_lane, marker="s", ms=7, color="black", ls="none",
-                                   zorder=3)
+                    strip.plot(pt.slot, y_lane, ls="none", zorder=3, **FLAG_STYLES[pt.flag])
             strip.set_ylim(-0.6, n_lanes - 0.4)
             strip.set_yticks(range(n_lanes))
             if ci == 0:
@@ -586,8 +670,9 @@ def plot(result: dict, path: str, main=(1.0, 0.0), extra=(3e4, 6e4)) -> bool:
             last_row = ri == len(data.grid) - 1 or ci >= len(data.grid[ri + 1])
             ax.set_xticklabels(data.tick_labels if last_row else [], fontsize=7)
             if last_row:
-                ax.set_xlabel("input amplitude: largest |x| per channel; inf / NaN: one such "
-                              "value in channel 0", fontsize=7.5)
+                ax.set_xlabel("input amplitude a = largest |x| per channel: values uniform in "
+                              "[−a, a], ±a present\ninf / NaN: one such value in channel 0",
+                              fontsize=7.5)
             if ci == 0:
                 ax.set_ylabel("max |y − y₆₄|", fontsize=8)
             else:
@@ -601,19 +686,13 @@ def plot(result: dict, path: str, main=(1.0, 0.0), extra=(3e4, 6e4)) -> bool:
                                   ms=st["ms"], markeredgewidth=1.4,
                                   markerfacecolor=st["color"] if st["filled"] else "none",
                                   label=st["label"]))
-        elif key == NONFINITE:
-            handles.append(Line2D([], [], color="red", marker="X", ms=9, ls="none",
-                                  label=FLAG_LABELS[key]))
-        elif key == AS_REFERENCE:
-            handles.append(Line2D([], [], marker="o", ms=7, markerfacecolor="none",
-                                  markeredgecolor="0.45", markeredgewidth=1.3, ls="none",
-                                  label=FLAG_LABELS[key]))
-        elif key == RAISED:
-            handles.append(Line2D([], [], color="black", marker="s", ms=7, ls="none",
-                                  label=FLAG_LABELS[key]))
-    if data.limit_x is not None:
-        handles.append(Line2D([], [], color="crimson", ls="--", lw=1.0,
-                              label="65,504: float16's largest finite value"))
+        else:
+            handles.append(Line2D([], [], ls="none", label=FLAG_LABELS[key],
+                                  **FLAG_STYLES[key]))
+    for dtype, limit in data.limits.items():
+        value = f"{limit:,.0f}" if limit < 1e7 else f"{limit:.4g}"
+        handles.append(Line2D([], [], color=LIMIT_COLORS.get(dtype, "0.3"), ls="--", lw=1.0,
+                              label=f"{value}: {dtype}'s largest finite value"))
     fig.legend(handles=handles, loc="lower center", ncol=min(3, len(handles)), fontsize=8,
                frameon=False, bbox_to_anchor=(0.5, 0.02 / fig_h))
     fig.suptitle(_title(result.get("meta", {}), data, main, extra_shown), fontsize=9.5,
@@ -625,10 +704,11 @@ def plot(result: dict, path: str, main=(1.0, 0.0), extra=(3e4, 6e4)) -> bool:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """One line per (dtype, amplitude, impl) at γ=1, β=0 and the largest reduction size."""
+    """One line per (dtype, amplitude, impl) at γ=1, β=0 and the largest reduction size, then
+    what the columns mean."""
     big = max(r["reduction"] for r in rows)
     lines = [f"{'dtype':9} {'amplitude':>9} {'impl':18} {'nonfinite y':>11} {'nonfinite dx':>12} "
-             f"{'>=max':>6} {'max |err|':>10} {'running ok':>10}"]
+             f"{'failures':>8} {'>=max':>6} {'max |err|':>10} {'running ok':>10}"]
     for r in rows:
         if r["reduction"] != big or r["weight"] != 1.0 or r["bias"] != 0.0:
             continue
@@ -636,8 +716,19 @@ def summary_table(rows: list[dict]) -> str:
             lines.append(f"{r['dtype']:9} {r['amplitude']:>9} {r['impl']:18} {r['error']}")
             continue
         lines.append(f"{r['dtype']:9} {r['amplitude']:>9} {r['impl']:18} {r['nonfinite_out']:>11} "
-                     f"{r['nonfinite_grad']:>12} {r['at_or_beyond_max']:>6} "
-                     f"{r['max_abs_err']:>10.3g} {str(r['running_finite']):>10}")
+                     f"{r['nonfinite_grad']:>12} {r.get('failures', '?'):>8} "
+                     f"{r['at_or_beyond_max']:>6} {r['max_abs_err']:>10.3g} "
+                     f"{str(r['running_finite']):>10}")
+    lines += [
+        "nonfinite y / dx: inf or NaN values in the output / input gradient, those float64 has "
+        "too included",
+        "failures: non-finite values (y and dx) where float64 is finite, less the inf the IEEE "
+        "cast gives\n  where float64 is beyond the dtype's range (documented for tritonbn's "
+        "default policy, torch\n  and naive; for overflow=\"saturate\", which stores +-max, "
+        "that inf is a failure too)",
+        ">=max: |y| at or above the dtype's largest finite value; max |err|: largest |y - y64| "
+        "over\n  the values both have finite",
+    ]
     return "\n".join(lines)
 
 
@@ -682,8 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="64,1024",
                         help="reduction sizes: values per channel, comma-separated, each >= 2")
     parser.add_argument("--quick", action="store_true", help="a few points only (smoke test)")
-    parser.add_argument("--out", default=os.path.join("bench", "results"),
-                        help="results folder (made if missing, checked before the sweep)")
+    parser.add_argument("--out", default=os.curdir,
+                        help="results folder (default: the current directory; made if missing, "
+                             "checked before the sweep)")
     parser.add_argument("--stem", default="overflow_profile",
                         help="file name without extension for the .json, .csv and .png")
     parser.add_argument("--no-progress", action="store_true",
@@ -722,6 +814,7 @@ def main(argv=None) -> int:
     result = {"meta": metadata(kwargs["dtypes"], kwargs["sizes"], kwargs["amplitudes"],
                                kwargs["weight_scales"], kwargs["biases"]),
               "rows": rows}
+    print(f"input: {INPUT_DESCRIPTION}")
     print(summary_table(rows))
     try:
         paths = write_data(result, args.out, args.stem)
