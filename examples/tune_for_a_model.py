@@ -9,6 +9,10 @@ What it shows:
     a JSON tuning table;
   * how to use the table: run your training with TRITONBN_TUNING_TABLE=<table> set.
 
+The table (and the <table>.lock file written beside it) goes into a new temporary folder, whose
+path the script prints, unless --table names where to write or merge it: running the example
+leaves nothing in the folder it is run from.
+
 Run it:
   GPU:  python examples/tune_for_a_model.py --model resnet50 --input-shape 256,3,224,224
   CPU:  python examples/tune_for_a_model.py --model tiny --max-candidates 2
@@ -17,6 +21,8 @@ interpreter, so the timings mean nothing; it shows the workflow only. --model ta
 torchvision model name (pip install torchvision) or "tiny", a small conv net defined below.
 """
 import argparse
+import os
+import tempfile
 
 import torch
 
@@ -29,14 +35,21 @@ parser.add_argument("--model", default="resnet18", help="a torchvision model nam
 parser.add_argument("--input-shape", default="256,3,224,224", help="N,C,H,W of the model input")
 parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                     help="activation dtype to tune (float16 plans also serve bfloat16)")
-parser.add_argument("--table", help="tuning table to write or merge into (default: tuning.json "
-                                    "here; tuning-smoke.json without a GPU)")
+parser.add_argument("--table", help="tuning table to write or merge into (default: tuning.json, "
+                                    "or tuning-smoke.json without a GPU, in a new temporary "
+                                    "folder)")
 parser.add_argument("--max-candidates", type=int,
                     help="plans tried per problem, the heuristic's included "
                          "(default: all; 3 in smoke mode)")
 args = parser.parse_args()
 smoke = smoke_mode()
-table_path = args.table or ("tuning-smoke.json" if smoke else "tuning.json")
+if args.table:
+    table_path = args.table
+else:   # a fresh folder: nothing lands where the script is run, nothing there is overwritten
+    table_path = os.path.join(tempfile.mkdtemp(prefix="tritonbn-tuning-"),
+                              "tuning-smoke.json" if smoke else "tuning.json")
+print(f"tuning table: {table_path}" + ("" if args.table else
+                                       " (a new temporary folder; --table PATH to choose)"))
 
 
 def tiny_net():

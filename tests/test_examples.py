@@ -1,6 +1,7 @@
 """The scripts in examples/ run and do what their docstrings say, at tiny sizes.
 
-Each script runs as a user would run it: a subprocess of this Python, from the repository root.
+Each script runs as a user would run it: a subprocess of this Python, from the repository root
+(or from another folder, to check that it leaves nothing there).
 Without a GPU the kernels run in Triton's CPU interpreter, so the sizes are as small as the
 scripts allow (the whole file takes about 30 s on a 2-core CPU).
 
@@ -21,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # generous: the interpreter on a slow, busy CPU
 
 
-def run_example(script, *flags, env=None):
-    return subprocess.run([sys.executable, f"examples/{script}", *map(str, flags)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+def run_example(script, *flags, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "examples" / script), *map(str, flags)],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
 def check_ok(proc):
@@ -94,6 +95,22 @@ def test_tune_for_a_model_writes_a_table(tmp_path):
     assert {e["memory_format"] for e in entries} == {"contiguous", "channels_last"}
     assert all(e["dtype"] == "float16" and e["plan"]["variant"] in ("onepass", "split")
                for e in entries)
+
+
+def test_tune_for_a_model_leaves_nothing_in_the_folder_it_runs_from(tmp_path):
+    # no --table: the table and its lock file go to a new temporary folder, which it names
+    cwd, tmp = tmp_path / "cwd", tmp_path / "tmp"
+    cwd.mkdir()
+    tmp.mkdir()
+    out = check_ok(run_example("tune_for_a_model.py", "--model", "tiny", "--input-shape",
+                               "8,3,64,64", "--max-candidates", 1, cwd=cwd,
+                               env={**os.environ, "TMPDIR": str(tmp)}))
+    assert os.listdir(cwd) == []
+    table = Path(re.search(r"^tuning table: (\S+) \(a new temporary folder", out, re.M).group(1))
+    assert table.parent.parent == tmp and table.is_file()
+    assert sorted(os.listdir(table.parent)) == sorted([table.name, table.name + ".lock"])
+    assert re.search(rf"^wrote [1-9]\d* entries to {re.escape(str(table))} ", out, re.M), out
+    assert f"TRITONBN_TUNING_TABLE={table} " in out
 
 
 def test_tune_for_a_model_falls_back_to_the_tiny_net_without_torchvision(tmp_path,
