@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import tritonbn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,3 +52,21 @@ def test_ci_runs_the_readme_test_command_verbatim():
         ci = [line for line in f.read().splitlines() if line and not line.startswith("#")]
     first = next(i for i, line in enumerate(ci) if "pip " in line or "python " in line)
     assert ci[first] == command, (ci[first], command)
+
+
+def test_project_urls_for_pip_show():
+    # `pip show tritonbn` and package indexes show these: a home page, the docs, the changelog
+    # and where to report bugs, all on the one repository
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        urls = tomllib.load(f)["project"]["urls"]
+    home = "https://github.com/tritonbn/tritonbn"
+    assert urls["Homepage"] == home
+    assert {"Documentation", "Changelog", "Issues"} <= set(urls)
+    assert all(u == home or u.startswith(home + "/") or u.startswith(home + "#")
+               for u in urls.values()), urls
+    # the files the links name exist in the repository, at those paths
+    for url in urls.values():
+        if "/blob/main/" in url:
+            assert os.path.isfile(os.path.join(REPO, url.split("/blob/main/", 1)[1])), url
+    assert urls["Issues"] == home + "/issues"
