@@ -12,17 +12,22 @@ the tensors in place. Both run inside one autograd Function.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
+
+from torch.autograd import forward_ad
 from torch.autograd.graph import increment_version
 
-from . import launch
-from .layout import empty_output
+from . import activations, launch
+from .layout import empty_output, output_memory_format
 from .options import (BACKWARD_ARGS, BACKWARD_OUTPUTS, BACKWARD_SCALARS, FORWARD_ARGS,
                       FORWARD_OUTPUTS, FORWARD_SCALARS, UPDATED, BackwardArgs, ForwardArgs,
                       Options, schema)
 
-__all__ = ["batch_norm_forward", "batch_norm_backward", "BatchNormFunction", "batch_norm_op"]
+__all__ = ["batch_norm_forward", "batch_norm_backward", "BatchNormFunction",
+           "ForwardModeFunction", "tangent", "batch_norm_op"]
 
 _N_FWD = len(FORWARD_ARGS)
 
@@ -78,6 +83,19 @@ batch_norm_backward = torch.library.custom_op(
 batch_norm_backward.register_fake(_backward_fake)
 
 
+def _backward_vmap(info, in_dims, *args) -> tuple:
+    """vmap (jacrev, jacfwd's batched tangents): one backward per slice of the batched
+    arguments, stacked. Each slice is a whole batch norm, so there is no cheaper batching."""
+    outputs = []
+    for i in range(info.batch_size):
+        outputs.append(batch_norm_backward(*(
+            a if d is None else a.select(d, i) for a, d in zip(args, in_dims))))
+    return tuple(torch.stack(o) for o in zip(*outputs)), (0,) * len(outputs[0])
+
+
+batch_norm_backward.register_vmap(_backward_vmap)
+
+
 # ---------------------------------------------------------------------------------- autograd
 
 def _direct(t: Tensor) -> bool:
@@ -96,14 +114,57 @@ def _direct(t: Tensor) -> bool:
         and not torch._C._get_tracing_state()  # torch.jit.trace: sizes are traced values
 
 
-def _save(ctx, o: Options, a: ForwardArgs, outputs) -> None:
-    """What backward needs: x, the parameters, the residual (only to recompute the activation's
-    input) and the float32 statistics; non-tensor facts on ctx."""
+def _saved_for(o: Options, a: ForwardArgs, outputs) -> tuple:
+    """What backward (and forward mode) needs: x, the parameters, the residual (only to
+    recompute the activation's input) and the float32 statistics."""
     _y, save_mean, save_invstd, save_rd = outputs[:4]
-    ctx.save_for_backward(a.input, a.weight, a.bias,
-                          a.residual if o.activation else None, save_mean, save_invstd, save_rd)
+    return (a.input, a.weight, a.bias, a.residual if o.activation else None, save_mean,
+            save_invstd, save_rd)
+
+
+def _save(ctx, o: Options, a: ForwardArgs, outputs) -> None:
+    """Save for backward; non-tensor facts on ctx."""
+    ctx.save_for_backward(*_saved_for(o, a, outputs))
     ctx.options = o
     ctx.res_dtype = None if a.residual is None else a.residual.dtype
+
+
+def _backward_kernels(b: BackwardArgs, o: Options, param_grads: bool) -> tuple:
+    """(grad_input, grad_weight, grad_bias, grad_residual): the launchers directly, or the
+    custom op under tracers and transforms. With create_graph=True the backward itself is
+    recorded: the op then raises autograd's clear "no autograd formula" error, where the kernels
+    would return gradients without history and so silently drop the second-order terms."""
+    if _direct(b.grad_output) and not torch.is_grad_enabled():
+        return launch.backward(b, o, param_grads)
+    if _forward_mode():
+        return BackwardOpFunction.apply(o.encode(), param_grads, *b)
+    return batch_norm_backward(*b, o.encode(), param_grads)
+
+
+class BackwardOpFunction(torch.autograd.Function):
+    """The backward op where forward-mode AD may reach it (``torch.func.hessian``,
+    ``jacfwd(jacrev(f))``, a dual tensor as grad_output): it has no derivative of its own, so
+    such a call raises instead of returning gradients whose tangents are silently zero."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(options: str, param_grads: bool, *tensors):
+        return batch_norm_backward(*tensors, options, param_grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("tritonbn: forward-mode AD through batch norm's backward "
+                                  "(e.g. torch.func.hessian, jacfwd(jacrev(f))) is not "
+                                  "implemented; first-order jvp / jacfwd / jacrev are")
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("tritonbn: double backward through batch norm is not implemented")
 
 
 # Where each gradient goes in the tuple autograd expects for (options, *FORWARD_ARGS).
@@ -118,13 +179,7 @@ def _backward(ctx, grad_y) -> tuple:
     needs = ctx.needs_input_grad
     b = BackwardArgs(grad_y, input, weight, bias, residual, save_mean, save_invstd, save_rd)
     need_w, need_b = needs[_SLOTS["weight"]], needs[_SLOTS["bias"]]
-    # With create_graph=True the backward itself is recorded: the op then raises autograd's
-    # clear "no autograd formula" error, where the kernels would return gradients without
-    # history and so silently drop the second-order terms.
-    if _direct(grad_y) and not torch.is_grad_enabled():
-        dx, dw, db, dres = launch.backward(b, o, need_w or need_b)
-    else:
-        dx, dw, db, dres = batch_norm_backward(*b, o.encode(), need_w or need_b)
+    dx, dw, db, dres = _backward_kernels(b, o, need_w or need_b)
     grads = list(_NO_GRADS)
     if needs[_SLOTS["input"]]:
         grads[_SLOTS["input"]] = dx
@@ -160,40 +215,127 @@ def _needs_grad(a: ForwardArgs) -> bool:
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Autograd for the op: forward(options, *FORWARD_ARGS) -> (y, *new values).
+    """Autograd for the op: forward(options, *FORWARD_ARGS) -> (y, save_mean, save_invstd,
+    save_rd, *new values); only y is differentiable.
 
     Plain eager calls run the launchers directly, which update the tensors in place: the new
-    values are None. Under tracers the forward is the custom op, whose ``new_`` outputs (not
-    differentiable) ``batch_norm_op`` copies back. The arity is the same either way (a
-    torch.jit trace replays the Function eagerly)."""
+    values are None. Under tracers the forward is the custom op, whose ``new_`` outputs
+    ``batch_norm_op`` copies back. The arity is the same either way (a torch.jit trace replays
+    the Function eagerly)."""
 
     @staticmethod
-    def forward(ctx, o: Options, *tensors):
-        a = ForwardArgs(*tensors)
-        out = _run_forward(o, a)
-        _save(ctx, o, a, out)
-        if out[4] is not None:
-            ctx.mark_non_differentiable(*out[4:])
-        return (out[0], *out[4:])
+    def forward(o: Options, *tensors):
+        return _run_forward(o, ForwardArgs(*tensors))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        o, a = inputs[0], ForwardArgs(*inputs[1:])
+        _save(ctx, o, a, output)
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
 
     @staticmethod
     def backward(ctx, grad_y, *_grads_of_the_rest):
         return _backward(ctx, grad_y)
 
 
+class ForwardModeFunction(BatchNormFunction):
+    """BatchNormFunction with forward-mode AD (``torch.func.jvp`` / ``jacfwd``,
+    ``torch.autograd.forward_ad`` dual tensors); used only while forward-mode AD or a functorch
+    transform is active, so that compiled graphs keep the plain Function."""
+
+    generate_vmap_rule = True       # jacfwd vmaps the jvp over basis tangents
+
+    @staticmethod
+    def forward(o: Options, *tensors):
+        # The new values are copied back here, below the transforms' levels, where the running
+        # statistics are the caller's own tensors (a copy outside would write a transformed
+        # value into a captured tensor, which functorch refuses).
+        a = ForwardArgs(*tensors)
+        out = _run_forward(o, a)
+        _copy_back(o, a, out[4:])
+        return (*out[:4], *(None for _ in UPDATED))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        BatchNormFunction.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*_saved_for(inputs[0], ForwardArgs(*inputs[1:]), output))
+
+    @staticmethod
+    def jvp(ctx, _options_tangent, *tangents):
+        ty = tangent(ctx.options, ctx.saved_tensors, ForwardArgs(*tangents))
+        return (ty, *(None for _ in FORWARD_OUTPUTS[1:]))
+
+
+def tangent(o: Options, saved: tuple, t: ForwardArgs) -> Tensor | None:
+    """The forward-mode derivative of y = act(z), z = gamma * (x_hat * r + d) + beta + residual,
+    for input tangents ``t`` (None where an input has none).
+
+    x's part is the batch-norm Jacobian applied to t.input. That Jacobian (of x_hat, times the
+    per-channel gamma * r) is symmetric -- invstd * (I - 1 1^T / M - x_hat x_hat^T / M) per
+    channel in training, invstd * I in eval -- so it is what the backward kernels compute with
+    t.input as the incoming gradient, without the activation (whose derivative comes after, here,
+    not before as in the backward). The parameters' and the residual's parts are per-element
+    products; act'(z) multiplies the sum. All in the statistics' dtype, rounded once into y's.
+    """
+    x, weight, bias, residual, mean, invstd, rd = saved
+    if o.group is not None:
+        raise NotImplementedError("tritonbn: forward-mode AD (jvp, jacfwd, forward_ad dual "
+                                  "tensors) of synchronized batch norm is not implemented")
+    if x.numel() == 0 or all(v is None for v in t):
+        return empty_output(x).zero_() if x.numel() == 0 else None
+    acc = mean.dtype
+    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    renorm = rd is not None and rd.numel() > 0
+    x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
+    normalized = x_hat * rd[0].view(shape) + rd[1].view(shape) if renorm else x_hat
+    dz = torch.zeros((), dtype=acc, device=x.device)
+    if t.input is not None:
+        b = BackwardArgs(t.input, x, weight, None, None, mean, invstd, rd if renorm else None)
+        dz = dz + _backward_kernels(b, replace(o, activation=None), False)[0].to(acc)
+    if t.weight is not None:
+        dz = dz + t.weight.to(acc).reshape(shape) * normalized
+    if t.bias is not None:
+        dz = dz + t.bias.to(acc).reshape(shape)
+    if t.residual is not None:
+        dz = dz + t.residual.to(acc)
+    if o.activation is not None:
+        z = normalized if weight is None else normalized * weight.to(acc).reshape(shape)
+        if bias is not None:
+            z = z + bias.to(acc).reshape(shape)
+        if residual is not None:
+            z = z + residual.to(acc)
+        dz = dz * activations.derivative(z, o.activation, o.negative_slope)
+    # out of place: under jacfwd the tangents are batched and x is not
+    return dz.expand(x.shape).to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+def _forward_mode() -> bool:
+    """Forward-mode AD or a functorch transform is active (a dual tensor may be among the
+    arguments: they are not told apart from plain tensors cheaply)."""
+    return not torch.compiler.is_compiling() and (
+        forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active())
+
+
 def batch_norm_op(o: Options, a: ForwardArgs) -> Tensor:
     """Run the forward, with autograd when a gradient is wanted; returns y. The tensors the op
     updates hold their new values afterwards, whichever path ran."""
-    if _needs_grad(a):
+    if _forward_mode():
+        out = ForwardModeFunction.apply(o, *a)
+    elif _needs_grad(a):
         out = BatchNormFunction.apply(o, *a)
-        y, new = out[0], out[1:]
     else:
         out = _run_forward(o, a)
-        y, new = out[0], out[4:]
-    if new[0] is not None:                  # the custom op: copy its new values back
-        with torch.no_grad():
-            for name, t in zip(UPDATED, new):
-                given = getattr(a, name)
-                if given is not None and launch.UPDATES[name](o):
-                    given.copy_(t.view(given.shape))
-    return y
+    _copy_back(o, a, out[4:])
+    return out[0]
+
+
+def _copy_back(o: Options, a: ForwardArgs, new: tuple) -> None:
+    """The custom op returned the new values of the tensors it updates: copy them back (the
+    launchers called directly updated them in place and returned None)."""
+    if new[0] is None:
+        return
+    with torch.no_grad():
+        for name, t in zip(UPDATED, new):
+            given = getattr(a, name)
+            if given is not None and launch.UPDATES[name](o):
+                given.copy_(t.view(given.shape))
