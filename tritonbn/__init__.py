@@ -1,5 +1,5 @@
 """tritonbn: batch normalization for PyTorch as hand-written Triton kernels, mixed precision."""
-from . import _runtime  # first: decides the interpreter before anything imports triton
+from . import _runtime  # noqa: F401 - first: maps the source tree's kernels/ as tritonbn.kernels
 from ._version import __version__
 from .functional import batch_norm, batch_renorm, sync_batch_norm
 from .launch import LAUNCHES, count_launches

@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import functools
 
-import torch
 
-__all__ = ["launch", "supported", "Constants"]
+__all__ = ["launch", "Constants"]
 
 _NOT_SUPPORTED = object()
 
@@ -44,12 +43,6 @@ class Constants(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.key = tuple(self.items())
-
-
-def supported() -> bool:
-    """Whether launches may bypass kernel[grid] in this process (compiled kernels, a Triton
-    with the runtime knobs this module reads)."""
-    return _knobs is not None
 
 
 try:  # Triton >= 3.4 keeps its launch hooks in triton.knobs.runtime, as HookChains

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from .options import ForwardArgs, Options
+from .options import MODES, ForwardArgs, Options
 from .validate import check_options, check_scalars, check_tensors
 
 __all__ = ["batch_norm", "batch_renorm", "sync_batch_norm", "run", "options"]
@@ -174,8 +174,8 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 
 def _mode(mode: str) -> bool:
-    if mode not in ("spatial", "per_activation"):
-        raise ValueError(f"batch_norm: mode must be 'spatial' or 'per_activation', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"batch_norm: mode must be one of {MODES}, got {mode!r}")
     return mode == "per_activation"
 
 

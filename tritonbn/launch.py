@@ -247,7 +247,6 @@ UPDATES = {
     "overflow_max": lambda o: True,
 }
 assert set(UPDATES) == set(UPDATED)
-_ABSENT = None
 
 
 class _Updates:

@@ -19,12 +19,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import activations, functional
-from ..options import Options
 
 __all__ = ["TritonNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
            "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d",

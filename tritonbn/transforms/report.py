@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -167,14 +167,3 @@ def warn_left_on_torch(report: TransformReport, who: str, stacklevel: int) -> No
     warnings.warn(f"{who}: {len(left)} of {len(report)} batch-norm-like layers left on torch: "
                   f"{items}{more}. Pass report=True for the per-layer table.",
                   ConversionWarning, stacklevel=stacklevel + 1)
-
-
-def record_for(report: Optional[TransformReport], name: str, module: nn.Module) -> LayerRecord:
-    """The record of ``name`` in ``report``, created (as the module is now) if missing."""
-    if report is not None and name in report.layers:
-        return report.layers[name]
-    record = LayerRecord(name, class_name(module), class_name(module),
-                         kernels=type(module).__module__.startswith("tritonbn."))
-    if report is not None:
-        report.add(record)
-    return record
