@@ -1,5 +1,8 @@
 """Compile every kernel plan for real GPUs without one, and read what the compiler reports.
 
+``python -m bench.compile_check [--subset ci|full|tuned] [--targets sm90,sm80]`` from the
+repository root; the test suite runs ``--subset ci`` (tests/bench/test_compile_check.py).
+
 The interpreter proves numbers, not GPU code. This check runs the launchers on meta tensors
 for a grid of shapes x dtypes x layouts x ops with the dispatcher planning for an H100 (sm_90a)
 or an A100 (sm_80), captures the launches they would make, specializes each exactly as a real
@@ -35,10 +38,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import launch, plan as planner
-from ..options import BackwardArgs, ForwardArgs, Options
-from ..plan import DeviceInfo
-from .shapes import BENCH_SHAPES, DTYPES, in_layout
+from tritonbn import launch, plan as planner
+from tritonbn.options import BackwardArgs, ForwardArgs, Options
+from tritonbn.plan import DeviceInfo
+from tritonbn.tools.shapes import BENCH_SHAPES, DTYPES, Problem, in_layout
 
 __all__ = ["TARGETS", "Problem", "problems", "tuned_problems", "capture", "specialize",
            "compile_and_inspect", "run_check", "main", "parse_sass", "sass_loops", "ttir_accesses"]
@@ -68,7 +71,7 @@ TARGETS = {
 OPS = planner.OPS + ("bwd_eval_dx",)
 
 
-# What is fused around the normalization: the kernels specialize on it.
+# What is fused around the normalization (a Problem's epilogue): the kernels specialize on it.
 EPILOGUES = {
     "plain": Options(),
     "silu+res": Options(activation="silu"),                   # residual add, then SiLU
@@ -77,20 +80,6 @@ EPILOGUES = {
     # counted per channel (momentum=None)
     "guards": Options(saturate=True, skip_nonfinite=True, cumulative=True),
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    op: str
-    shape: tuple[int, ...]
-    dtype: str
-    layout: str               # "contiguous" or "channels_last"
-    epilogue: str = "plain"   # a key of EPILOGUES
-
-    @property
-    def name(self) -> str:
-        fused = "" if self.epilogue == "plain" else f" {self.epilogue}"
-        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout}{fused}"
 
 
 # The CI subset: one shape per dispatcher regime (NCHW large plane, NCHW 7x7, channels-last
@@ -219,7 +208,7 @@ def specialize(kernel, args, kwargs) -> Spec:
 
 
 def _kernel_by_name(name):
-    from .. import kernels
+    from tritonbn import kernels
     return getattr(kernels, name)
 
 
@@ -311,7 +300,7 @@ class Result:
     stores: dict = field(default_factory=dict)
     vector_capable: bool = False
     compile_s: float = 0.0
-    # What the code does, for the static performance model (tools/perf_model.py): the pointer
+    # What the code does, for the static performance model (bench/perf_model.py): the pointer
     # arguments the kernel loads from and stores to (from the Triton IR), its SASS instruction
     # count, and per loop (sass_loops) and for the code outside every loop, the instructions,
     # barriers, shuffles and global accesses -- attributed to the pointer arguments they touch.
@@ -393,7 +382,7 @@ def compile_and_inspect(spec: Spec, target_key: str, dtype: str, aligned: bool) 
 
 
 # ------------------------------------------------------------------------ code statistics
-# Read by tools/perf_model.py: which arguments a kernel reads and writes (from the Triton IR),
+# Read by bench/perf_model.py: which arguments a kernel reads and writes (from the Triton IR),
 # and its loops in SASS (a backward branch closes a loop) with what each does per iteration.
 
 _SASS_INSTR = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(?:@(!?U?P(?:T|\d+))\s+)?"
@@ -697,7 +686,7 @@ def tuned_problems(target_key: str, table_path: str | None = None) -> list[tuple
     run there, so they must compile spill-free too. Default table: the dispatcher's."""
     import triton
 
-    from .. import tuning_table
+    from tritonbn import tuning_table
     path = table_path or tuning_table.active_path()
     if path is None:
         return []
@@ -744,7 +733,7 @@ def collect_specs(subset: str, target_keys: list[str], unaligned=True,
 def compile_jobs(jobs: dict, workers: int = 2, progress: bool = False) -> list[Result]:
     """Compile {(spec, target, dtype, aligned): [problem names]} in worker processes (with
     ``progress``, a progress line on stderr: a full check compiles for minutes)."""
-    from .progress import Progress
+    from tritonbn.tools.progress import Progress
     ordered = list(jobs)
     results: list[Result] = []
     bar = Progress(len(ordered), "compiling", enabled=progress)
@@ -799,7 +788,7 @@ def write_report(results: list[Result], out_dir: str, stem: str = "compile_check
     lines = [f"# Compile check: every kernel plan compiled for real GPUs",
              "",
              f"torch {meta['torch']}, triton {meta['triton']}, {meta['ptxas']}, {meta['date']}. "
-             f"Made by `tritonbn check-compile`; see bench/README.md for how to read it.",
+             f"Made by `python -m bench.compile_check`; see bench/README.md for how to read it.",
              "",
              "| target | kernel | dtype | blocks (n,s,c) | warps | aligned | regs | spill B | "
              "smem B | programs/SM | occupancy | load B:count | store B:count | vec | ok |",
@@ -840,7 +829,7 @@ def summarize(results: list[Result]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="tritonbn check-compile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--subset", choices=["ci", "full", "tuned"], default="full",
                         help="tuned: only the tuning table's plans")
     parser.add_argument("--targets", default="sm90,sm80", help="comma-separated: sm90, sm80")
@@ -866,7 +855,7 @@ def main(argv=None) -> int:
     print(summary)
     summary_path = os.path.join(args.out, "compile_check_summary.txt")
     with open(summary_path, "w") as f:
-        f.write(f"tritonbn check-compile --subset {args.subset} --targets {args.targets}: "
+        f.write(f"python -m bench.compile_check --subset {args.subset} --targets {args.targets}: "
                 f"{_versions_line()}\n{summary}\n")
     print(f"wrote {summary_path} (reviewed, committed) and the full tables {md} and {js} "
           f"(regenerated by this command; not kept in git)")

@@ -1,6 +1,6 @@
-"""The GPU window: one command that turns a short session on a GPU into committed evidence.
+"""The GPU window: one command that turns a short GPU run into committed evidence.
 
-``python -m tritonbn.tools.gpu_window --out DIR [--budget-s 420] [--dry-run]`` (or
+``python -m bench.gpu_window --out DIR [--budget-s 420] [--dry-run]`` from the repository root (or
 ``bench/gpu_window.sh DIR``, which installs the project offline first) runs the steps below in
 order, each in a process of its own with its own time budget: a step that overruns is killed
 (its whole process group), recorded as timed out with whatever it saved so far, and the next
@@ -12,20 +12,20 @@ step runs. After every step the results folder is rewritten with exactly three f
 * ``report.md``: the same for people, with the tail of the log of any step that failed;
 * ``raw.tar.gz``: every step's folder (logs, JSON, CSV, nvidia-smi output, the tuning table).
 
-Work happens in a temporary folder outside the results folder, so a session cut at any moment
+Work happens in a temporary folder outside the results folder, so a run cut at any moment
 leaves those three files (at most three more ``*.tmp`` while one is being replaced) and
 nothing else there. ``--dry-run`` runs the same steps on CPU in Triton's interpreter on tiny
 shapes (a small ResNet instead of ResNet-50); what needs the hardware is recorded as not
 available.
 
-``python -m tritonbn.tools.gpu_window import RESULTS_DIR [--dest bench/results]`` turns a
+``python -m bench.gpu_window import RESULTS_DIR [--dest bench/results]`` turns a
 results folder into committed files ``<dest>/<device>_<date>.{md,json,csv}`` (each under 1 MB)
 and prints the README's performance table.
 
-This file imports nothing but the standard library, so the window cannot fail on an import:
-``bench/gpu_window.sh`` runs it as a script (``python tritonbn/tools/gpu_window.py``), which
-does not even import the tritonbn package (``python -m`` does); each step imports what it needs
-in its own process, where a failure is one step's finding.
+This file imports nothing but the standard library (and the ``bench`` package it sits in imports
+nothing), so the window cannot fail on an import: ``bench/gpu_window.sh`` runs ``python -m
+bench.gpu_window``, which does not import tritonbn or torch; each step imports what it needs in
+its own process, where a failure is one step's finding.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class Step:
 # the report says which steps were cut). Triton compiles each kernel specialization the first
 # time it is launched, ~0.5-1 s on the machine's CPU, and torch.compile a graph in seconds;
 # those compiles, not the GPU, decide most budgets. Most valuable first, so that if the window
-# is cut short by the session the evidence that matters most is already written.
+# is cut short the evidence that matters most is already written.
 STEPS = (
     Step("env", 15, "nvidia-smi, versions, commit; the first `import torch` on a cold machine "
                     "alone can take 10 s"),
@@ -92,8 +92,8 @@ STEPS = (
                                 "least urgent (the interpreter runs them in every CI): a cut "
                                 "run still lists every test that finished"),
 )
-# The whole window, the session's 7 minutes for it: a 10-minute command limit less the offline
-# install and a margin for a slow machine start.
+# The whole window, 7 minutes: short enough that the offline install and a margin for a slow
+# machine start still fit a short GPU run's time budget.
 TOTAL_BUDGET_S = 420
 # Kept back from the steps: a timed-out step's 3 s kill grace and rewriting the bundle (~1 s).
 RESERVE_S = 10
@@ -112,7 +112,7 @@ BUNDLE_MAX_BYTES = 15 * 1024 * 1024
 COMMIT_MAX_BYTES = 1024 * 1024
 
 BUNDLE = ("summary.json", "report.md", "raw.tar.gz")
-# Steps of tritonbn/tools/gpu_window_steps.py that are not in STEPS: the memcheck script's own
+# Steps of bench/gpu_window_steps.py that are not in STEPS: the memcheck script's own
 # step, and two self-test steps the tests run (one finishes at once, one overruns).
 HIDDEN_STEPS = ("memcheck_kernels", "selftest_ok", "selftest_sleep")
 STATUSES = ("ok", "partial", "failed", "timed_out", "skipped", "interrupted")
@@ -138,11 +138,20 @@ def budgets(total: float = TOTAL_BUDGET_S, names=None, overrides=None) -> dict:
 
 
 def _repo_root() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
+    here = os.path.dirname(os.path.abspath(__file__))     # bench/
+    root = os.path.dirname(here)
     if os.path.isdir(os.path.join(root, "tests")):
         return root
     return os.getcwd()
+
+
+def _invocation() -> str:
+    """How this process was started: ``python -m bench.gpu_window`` (the wrapper's way) or the
+    script's name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return f"python -m {spec.name}"
+    return os.path.basename(sys.argv[0])
 
 
 # ---------------------------------------------------------------------------------- running
@@ -268,7 +277,7 @@ def run_window(out: str, budget_s: float = TOTAL_BUDGET_S, dry: bool = False, st
             shutil.copy(path, os.path.join(stage, "_attached", os.path.basename(path)))
     t0 = time.time()
     summary = {"schema": 1, "dry_run": dry, "budget_s": budget_s, "reserve_s": RESERVE_S,
-               "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+               "command": " ".join([_invocation(), *sys.argv[1:]]),
                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "root": root, "python": sys.executable, "plan": plan, "steps": []}
     env = _step_env(dry)
@@ -704,7 +713,7 @@ def import_results(results_dir: str, dest: str) -> tuple[list, str]:
 # ------------------------------------------------------------------------------------ main
 
 def _import_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="tritonbn gpu-window import",
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_window import",
                                 description="turn a GPU-window results folder into committed "
                                             "files and print the README performance table")
     p.add_argument("results_dir")
@@ -727,7 +736,7 @@ def _override(text: str) -> tuple[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tritonbn gpu-window",
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_window",
                                 description=__doc__.split("\n\n")[0],
                                 epilog="Steps and budgets (s): " + ", ".join(
                                     f"{s.name} {s.budget_s:g}" for s in STEPS)
@@ -749,7 +758,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point (``tritonbn gpu-window`` can delegate here with the same arguments)."""
+    """Entry point: ``python -m bench.gpu_window`` with these arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["import"]:
         return _import_main(argv[1:])

@@ -2,7 +2,7 @@
 # The GPU window in one command: bench/gpu_window.sh OUT_DIR [options of the window]
 #
 # Installs tritonbn offline (editable, no dependencies, no build isolation) unless this tree
-# is already what an outside `import tritonbn` finds, then runs tritonbn/tools/gpu_window.py
+# is already what an outside `import tritonbn` finds, then runs `python -m bench.gpu_window`
 # with the time left of GPU_WINDOW_BUDGET_S (default 420 s: the whole command, install
 # included). OUT_DIR gets summary.json, report.md and raw.tar.gz. Options pass through,
 # e.g. --dry-run (CPU, Triton interpreter, tiny shapes). See bench/README.md, "GPU window".
@@ -50,7 +50,7 @@ else
 fi
 LEFT=$(( BUDGET - ($(date +%s) - START) ))
 cd "$ROOT" || exit 2
-"$PY" "$ROOT/tritonbn/tools/gpu_window.py" --out "$OUT_DIR" --budget-s "$LEFT" --attach "$LOG" "$@"
+"$PY" -m bench.gpu_window --out "$OUT_DIR" --budget-s "$LEFT" --attach "$LOG" "$@"
 RC=$?
 rm -f "$LOG"
 exit $RC

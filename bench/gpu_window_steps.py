@@ -1,9 +1,9 @@
-"""The steps of the GPU window (tritonbn/tools/gpu_window.py), each run in a process of its own.
+"""The steps of the GPU window (bench/gpu_window.py), each run in a process of its own.
 
-``python tritonbn/tools/gpu_window_steps.py STEP --out DIR --stage DIR --root DIR
---deadline EPOCH [--dry-run]`` runs one step (``python -m tritonbn.tools.gpu_window_steps``
-too; as a script, a step that needs no tritonbn -- running pytest, starting compute-sanitizer --
-does not import it, and saves a second of start-up). It writes what it found under ``DIR`` --
+``python bench/gpu_window_steps.py STEP --out DIR --stage DIR --root DIR
+--deadline EPOCH [--dry-run]`` runs one step (``python -m bench.gpu_window_steps`` from the
+repository root too; as a script, a step that needs no tritonbn -- running pytest, starting
+compute-sanitizer -- does not import it, and saves a second of start-up). It writes what it found under ``DIR`` --
 ``result.json`` first (``status``, ``summary``, ``outputs``, ``notes``), rewritten after each
 piece of work, so a step the window cuts at its budget keeps what it finished. ``--stage`` is
 the folder holding every step's folder (later steps read earlier ones: tune and the performance
@@ -14,7 +14,7 @@ model read the benchmark's rows); ``--deadline`` is when the step should stop st
 shapes, with a small torchvision ResNet instead of ResNet-50; what needs the hardware
 (nvidia-smi, compute-sanitizer, CUDA events) is recorded as not available.
 
-Nothing here is imported by tritonbn itself: tools sit beside the core.
+Nothing here is imported by tritonbn itself: the harnesses sit beside the package.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ import os
 import sys
 
 if __name__ == "__main__":
-    # Run as a script (the window does): import tritonbn from the tree this file belongs to,
-    # not this folder's modules (bench.py, report.py...) as top-level ones.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Run as a script (the window does): import tritonbn and the bench package from the
+    # checkout this file belongs to, not this folder's modules as top-level ones.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import copy
@@ -157,8 +157,8 @@ def _gpu() -> bool:
     """Kernels compiled for a CUDA GPU (not the interpreter)."""
     import torch
 
-    from tritonbn._runtime import interpreter_enabled
-    return torch.cuda.is_available() and not interpreter_enabled()
+    from tritonbn._runtime import cuda_interpreted
+    return torch.cuda.is_available() and not cuda_interpreted()
 
 
 def _sync() -> None:
@@ -173,8 +173,8 @@ def _err(e: BaseException) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _window():
-    """tritonbn/tools/gpu_window.py, loaded by its path: it imports only the standard library,
-    where ``import tritonbn.tools.gpu_window`` would import tritonbn, and torch, first."""
+    """bench/gpu_window.py, loaded by its path: it imports only the standard library (and a
+    step run as a script need not import any package for it)."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_window.py")
     spec = importlib.util.spec_from_file_location("_tritonbn_gpu_window", path)
@@ -314,7 +314,9 @@ def step_env(ctx: Ctx) -> None:
                           "l2_bytes": getattr(props, "L2_cache_size", None)}
         s["gpu_count"] = torch.cuda.device_count()
     from tritonbn._runtime import interpreter_enabled
-    s["interpreter"] = interpreter_enabled()
+    # the kernels the steps run: compiled on a GPU, else Triton's interpreter on CPU tensors
+    # (unless CPU tensors were sent to the float64 reference path)
+    s["interpreter"] = not s["gpu"] and interpreter_enabled()
     ctx.save("ok")
 
 
@@ -851,15 +853,15 @@ def step_bench_compile(ctx: Ctx) -> None:
 # ----------------------------------------------------------------------------------- host
 
 def step_host(ctx: Ctx) -> None:
-    """Host time per call: ``tritonbn bench --host`` (tritonbn/tools/host.py). On a GPU it
+    """Host time per call: ``python -m bench.host`` (bench/host.py). On a GPU it
     measures real launches; without one it builds a do-nothing libcuda and runs against it."""
-    from tritonbn.tools import host
+    from bench import host
     # GPU: 300 calls x 3 rounds per figure is ~1 s of calls; the compiled-model row is left
     # out (inductor's first compile alone would take the step's budget)
     args = ["--calls", "10", "--rounds", "1"] if ctx.dry else ["--calls", "300", "--rounds",
                                                                "3"]
     args += ["--no-compile", "--json", ctx.output("host.json")]
-    ctx.result["summary"]["argv"] = ["tritonbn", "bench", "--host", *args]
+    ctx.result["summary"]["argv"] = ["python", "-m", "bench.host", *args]
     sys.stdout.flush()
     rc = host.main(args)
     sys.stdout.flush()
@@ -1230,7 +1232,7 @@ def step_tune(ctx: Ctx) -> None:
 def committed_predictions(root: str) -> dict:
     """{(GPU, shape, layout, op): (predicted us, % of copy)} from bench/results/perf_model.md
     (float16 rows, as committed)."""
-    from tritonbn.tools.perf_model import read_rows
+    from bench.perf_model import read_rows
     out = {}
     try:
         rows = read_rows(os.path.join(root, "bench", "results", "perf_model.md"))
@@ -1249,7 +1251,7 @@ def step_perf_model(ctx: Ctx) -> None:
     """The static performance model's predictions next to the bench's measured times (ratio
     measured / predicted per row): the committed table's, then this code's own (compiled
     for sm_90a here, float16 first)."""
-    from tritonbn.tools import perf_model as pm
+    from bench import perf_model as pm
 
     s = ctx.result["summary"]
     bench = ctx.earlier("bench", "bench_rows.json")
@@ -1380,7 +1382,7 @@ STEPS = {
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tritonbn.tools.gpu_window_steps",
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_window_steps",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("step", choices=sorted(STEPS))
     p.add_argument("--out", required=True)

@@ -1,4 +1,7 @@
-"""``tritonbn bench --host``: what one batch-norm layer costs the CPU, per call.
+"""``python -m bench.host``: what one batch-norm layer costs the CPU, per call.
+
+Run from the repository root (``bench`` is a folder of the checkout, not part of the installed
+package).
 
 A batch norm on a GPU takes microseconds, so the host time per call decides whether tritonbn
 speeds a model up or slows it down. Measured in one run, per call, median of rounds:
@@ -6,7 +9,7 @@ speeds a model up or slows it down. Measured in one run, per call, median of rou
 * ``python``: tritonbn's own host code -- validation, options, autograd, allocation, planning --
   with the kernel launches recorded instead of made (``launch.capture_launches``);
 * ``launch``: the same calls with Triton's real launch path. On a GPU these are real launches;
-  without one, ``tritonbn bench --host`` builds a do-nothing libcuda from ``host_driver.c``
+  without one, ``python -m bench.host`` builds a do-nothing libcuda from ``host_driver.c``
   (gcc) and runs itself again against it, so Triton's real binder, cache and C launcher run and
   only the driver's own work is missing (it is a few microseconds per launch on a GPU). Plans
   are then made for an H100, and CPU tensors stand in for device tensors;
@@ -47,7 +50,7 @@ def build_driver(directory: str | None = None) -> str:
     source = os.path.join(os.path.dirname(__file__), "host_driver.c")
     if not os.path.exists(lib) or os.path.getmtime(lib) < os.path.getmtime(source):
         if shutil.which("gcc") is None:
-            raise RuntimeError("tritonbn bench --host needs gcc to build its do-nothing libcuda")
+            raise RuntimeError("python -m bench.host needs gcc to build its do-nothing libcuda")
         subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", lib + ".tmp", source], check=True)
         os.replace(lib + ".tmp", lib)
     link = os.path.join(directory, "libcuda.so")
@@ -58,7 +61,11 @@ def build_driver(directory: str | None = None) -> str:
 
 def driver_env(directory: str) -> dict:
     """The environment of a process whose Triton loads the do-nothing driver in ``directory``."""
-    env = dict(os.environ, TRITON_LIBCUDA_PATH=directory, TRITON_INTERPRET="0")
+    env = dict(os.environ, TRITON_LIBCUDA_PATH=directory)
+    # compiled kernels: no process-wide interpreter (and not TRITON_INTERPRET=0 either, which
+    # sends CPU tensors to the float64 reference path)
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("TRITONBN_CPU", None)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (directory, env.get("LD_LIBRARY_PATH"))
                                              if p)
     env[_CHILD] = directory
@@ -73,13 +80,29 @@ def use_driver() -> None:
     from triton.backends.nvidia.driver import CudaDriver
     from triton.runtime.driver import driver
 
-    from tritonbn import _runtime
     drv = CudaDriver()
     drv.get_current_device = lambda: 0
     drv.get_current_stream = lambda device=None: 0
     drv.get_device_capability = lambda device=None: (9, 0)
     driver.set_active(drv)
-    _runtime.launch_on_cpu_tensors()
+    _compiled_kernels_on_cpu_tensors()
+
+
+def _compiled_kernels_on_cpu_tensors() -> None:
+    """CPU tensors take the compiled kernels (whose launches the do-nothing driver receives),
+    not the interpreted copy tritonbn makes for them nor the reference path. tritonbn has no
+    public switch for this -- nothing but this harness should want it -- so it is set on
+    tritonbn._runtime's internals here, and checked: a change there fails loudly, not silently
+    into timing the interpreter."""
+    from tritonbn import _runtime
+
+    compiled = getattr(_runtime, "_compiled", None)
+    if compiled is None or not callable(getattr(_runtime, "kernels_for", None)) \
+            or not hasattr(_runtime, "_REFERENCE"):
+        raise RuntimeError("tritonbn._runtime has changed: bench/host.py cannot send CPU tensors "
+                           "to the compiled kernels (update _compiled_kernels_on_cpu_tensors)")
+    _runtime.kernels_for = lambda device: compiled
+    _runtime._REFERENCE = False
 
 
 def _per_call_us(fn, calls: int, rounds: int) -> float:
@@ -127,11 +150,11 @@ def measure(calls: int = 2000, rounds: int = 5, compiled: bool = True) -> dict:
     """The figures, in microseconds per call; see the module docstring."""
     from tritonbn import _runtime, launch, plan as planner
 
-    if _runtime.interpreter_enabled():
-        raise RuntimeError("host timing needs compiled kernels: a GPU, or the do-nothing CUDA "
-                           "driver `tritonbn bench --host` builds (not Triton's interpreter)")
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if _runtime.cuda_interpreted() or (device == "cpu" and _runtime.kernels_for(
+            torch.device("cpu")) is not getattr(_runtime, "_compiled", None)):
+        raise RuntimeError("host timing needs compiled kernels: a GPU, or the do-nothing CUDA "
+                           "driver `python -m bench.host` builds (not Triton's interpreter)")
     h100 = planner.DeviceInfo("NVIDIA H100 (planned)", 132, (9, 0), False)
     plan_for = planner.planning_for(h100) if device == "cpu" else planner.planning_for(
         planner.device_info(torch.device("cuda")))
@@ -204,7 +227,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="tritonbn bench --host", description=__doc__.split(
+    parser = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
@@ -219,8 +242,10 @@ def main(argv=None) -> int:
         env = driver_env(build_driver())
         # torch's CUDA build warns that this driver is too old for it: that is the point
         env["PYTHONWARNINGS"] = "ignore::UserWarning:torch.cuda"
-        child = [sys.executable, "-m", "tritonbn.tools.host", *(argv if argv is not None
-                                                                 else sys.argv[1:])]
+        # `-m bench.host` needs the checkout on the path whatever the current directory
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        child = [sys.executable, "-m", "bench.host", *(argv if argv is not None else sys.argv[1:])]
         return subprocess.run(child, env=env).returncode
     if not torch.cuda.is_available():
         use_driver()

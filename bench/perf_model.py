@@ -1,11 +1,11 @@
 """A static performance model of the batch-norm kernels on H100 and H200, without a GPU.
 
-For each benchmark problem (tools/shapes.py BENCH_SHAPES x layouts x fwd_train / fwd_eval /
-bwd_train, float16) the launchers run on meta tensors with the dispatcher planning for an H100
-(tools/compile_check.py ``capture``); every launch is compiled for sm_90a (one compile serves
-H100 and H200, both sm_90 with 132 SMs) and read back: registers and resident programs per SM,
-which pointer arguments the kernel loads and stores (Triton IR), and its loops in SASS with
-their instructions, barriers, shuffles and global accesses per iteration. From those facts
+For each benchmark problem (tritonbn/tools/shapes.py BENCH_SHAPES x layouts x fwd_train /
+fwd_eval / bwd_train, float16) the launchers run on meta tensors with the dispatcher planning
+for an H100 (bench/compile_check.py ``capture``); every launch is compiled for sm_90a (one
+compile serves H100 and H200, both sm_90 with 132 SMs) and read back: registers and resident
+programs per SM, which pointer arguments the kernel loads and stores (Triton IR), and its loops
+in SASS with their instructions, barriers, shuffles and global accesses per iteration. From those facts
 alone -- nothing is set per kernel -- each launch gets:
 
 * bytes: activation-sized tensors read and written, once each (a tensor an earlier launch of the
@@ -26,9 +26,9 @@ its partials' bytes at the L2 bandwidth) plus max(memory, L2, issue) for the res
 sum over its launches plus a launch gap each. Its "% of copy" is the op's minimum traffic
 (2 s E forward, 3 s E backward) at the copy bandwidth over the predicted time.
 
-``python -m tritonbn.tools.perf_model`` writes bench/results/perf_model.md; ``--check PATH``
-compares with a committed table and exits non-zero when a row's % of copy dropped by more than
-5 points. A benchmark on a GPU prints the predictions next to its measurements::
+``python -m bench.perf_model`` (from the repository root) writes bench/results/perf_model.md;
+``--check PATH`` compares with a committed table and exits non-zero when a row's % of copy
+dropped by more than 5 points. A benchmark on a GPU prints the predictions next to its measurements::
 
     gpu = perf_model.gpu_for(torch.cuda.get_device_name())      # None: not a modelled GPU
     predicted = {p.key: p for p in perf_model.predict_all(gpus=[gpu])}
@@ -49,7 +49,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import compile_check as cc
-from .shapes import BENCH_SHAPES, DTYPES
+from tritonbn.tools.shapes import BENCH_SHAPES, DTYPES
 
 __all__ = ["GPU", "GPUS", "OPS", "Prediction", "LaunchFacts", "problems", "problem", "gpu_for",
            "analyze", "predict", "predict_all", "predict_launches", "write_markdown",
@@ -596,9 +596,9 @@ def write_markdown(preds: list, facts: dict, path: str, command: str, elapsed_s:
         f"Made by `{command}` on {v['date']} (torch {v['torch']}, triton {v['triton']}, "
         f"{ptxas}; {elapsed_s:.0f} s). Predictions from the compiled code, not "
         "measurements: every launch the dispatcher makes for the benchmark shapes "
-        "(tools/shapes.py), float16, compiled for sm_90a (one compile serves both GPUs: "
-        "sm_90, 132 SMs) and read back from SASS; no GPU ran. Regenerate with the same command "
-        "after changing kernels, plans or launchers; `--check` compares with this table "
+        "(tritonbn/tools/shapes.py), float16, compiled for sm_90a (one compile serves both "
+        "GPUs: sm_90, 132 SMs) and read back from SASS; no GPU ran. Regenerate with the same "
+        "command after changing kernels, plans or launchers; `--check` compares with this table "
         f"(CI fails a row that loses more than {TOLERANCE:g} points of % of copy).",
         "",
         "Columns: **predicted us** = sum over the op's launches of (merging partials: the "
@@ -647,7 +647,7 @@ def write_markdown(preds: list, facts: dict, path: str, command: str, elapsed_s:
               f"{LAUNCH_GAP_S * 1e6:g} us; dependent L2 round trip {L2_ROUND_TRIP_S * 1e6:g} us; "
               f"HBM round trip {HBM_LATENCY_S * 1e6:g} us; a re-read tensor hits L2 when it and "
               f"what came between fit {L2_USABLE:.0%} of the L2. Where each comes from, and which "
-              "are leads to fit against the GPU benchmark: tritonbn/tools/perf_model.py."]
+              "are leads to fit against the GPU benchmark: bench/perf_model.py."]
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
@@ -716,7 +716,7 @@ def check(preds: list, path: str, tolerance: float = TOLERANCE) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tritonbn.tools.perf_model",
+    parser = argparse.ArgumentParser(prog="python -m bench.perf_model",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help=f"markdown table to write (default: {DEFAULT_OUT}, "
                                       "unless --check is given)")
@@ -729,7 +729,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # The dispatcher's own heuristics, not a tuning table of this machine: a reproducible table.
     os.environ.setdefault("TRITONBN_TUNING_TABLE", "off")
-    from .. import plan as planner
+    from tritonbn import plan as planner
     planner.reload_tuning_table()
     start = time.time()
     probs = problems()
@@ -739,7 +739,7 @@ def main(argv=None) -> int:
     out = args.out or (None if args.check else DEFAULT_OUT)
     if out:
         path = write_markdown(preds, facts, out,
-                              "python -m tritonbn.tools.perf_model --out " + out, elapsed)
+                              "python -m bench.perf_model --out " + out, elapsed)
         print(f"wrote {path}")
     if args.json:
         print(f"wrote {write_json(preds, args.json)}")

@@ -1,4 +1,4 @@
-"""Run in a process whose Triton loads tritonbn's do-nothing CUDA driver (tests/tools/test_host.py):
+"""Run in a process whose Triton loads tritonbn's do-nothing CUDA driver (tests/bench/test_host.py):
 launches of every plan of the compile check's CI subset, through Triton's own path and through
 the direct path, recorded at cuLaunchKernelEx and compared byte for byte."""
 import ctypes
@@ -6,11 +6,11 @@ import json
 import os
 import sys
 
-from tritonbn.tools import host
+from bench import host
 
 host.use_driver()
 
-import tritonbn.tools.compile_check as cc  # noqa: E402
+import bench.compile_check as cc  # noqa: E402
 from tritonbn import direct_launch, launch  # noqa: E402
 
 # bytes of one kernel parameter of each runtime type, as Triton's launcher passes it

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tritonbn import launch, plan as planner
-from tritonbn.tools import compile_check as cc
+from bench import compile_check as cc
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The GPU window (tritonbn/tools/gpu_window.py) on CPU: its --dry-run runs every step in
+"""The GPU window (bench/gpu_window.py) on CPU: its --dry-run runs every step in
 Triton's interpreter and bundles the results; a step that overruns is cut while the next one
 runs; a results folder turns into committed files and the README table."""
 import csv
@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from tritonbn.tools import gpu_window as gw
-from tritonbn.tools import gpu_window_steps as steps
+from bench import gpu_window as gw
+from bench import gpu_window_steps as steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPT = os.path.join(REPO, "tritonbn", "tools", "gpu_window.py")
+SCRIPT = os.path.join(REPO, "bench", "gpu_window.py")
 WRAPPER = os.path.join(REPO, "bench", "gpu_window.sh")
 # What a results folder may hand back: at most 8 files of at most 16 MB.
 MAX_FILES, MAX_FILE_BYTES = 8, 16 * 1024 * 1024
@@ -85,7 +85,7 @@ def test_budgets_fit_the_window():
 def test_dry_run_runs_every_step(dry):
     out, summary, took, members, results = dry
     assert summary["dry_run"] is True
-    assert summary["command"].startswith("gpu_window.py ")          # the wrapper's way
+    assert summary["command"].startswith("python -m bench.gpu_window ")   # the wrapper's way
     assert summary["budget_s"] <= 420
     assert any(n.startswith("raw/_attached/tritonbn-install") for n in members)  # its log
     ran = [s["name"] for s in summary["steps"]]
@@ -152,7 +152,7 @@ def test_bundle_is_what_comes_back(dry):
 def test_import_writes_small_committed_files_and_the_readme_table(dry, tmp_path):
     out, summary, *_ = dry
     dest = tmp_path / "results"
-    proc = subprocess.run([sys.executable, "-m", "tritonbn.tools.gpu_window", "import",
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_window", "import",
                            str(out), "--dest", str(dest)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -239,7 +239,7 @@ def test_worst_problems_alternate_torch_and_copy():
 
 
 def test_a_terminated_window_still_writes_its_bundle(tmp_path):
-    # the session's own limit ends the command with SIGTERM: the running step is killed and
+    # a time limit on the command ends it with SIGTERM: the running step is killed and
     # the results folder still gets its three files, saying what was interrupted
     env = dict(os.environ, TRITONBN_SELFTEST_SLEEP_S="120")
     proc = subprocess.Popen([sys.executable, SCRIPT, "--out", str(tmp_path), "--steps",

@@ -1,4 +1,4 @@
-"""Host time: the do-nothing CUDA driver, the direct launch path, and `tritonbn bench --host`.
+"""Host time: the do-nothing CUDA driver, the direct launch path, and `python -m bench.host`.
 
 The launch-equivalence test runs, in a process whose Triton loads the recording do-nothing
 driver, every launch of the compile check's CI subset twice -- through Triton's own
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tritonbn.tools import host
+from bench import host
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,6 +24,9 @@ def driver_env(tmp_path_factory):
 
 
 def _run(env, *args, timeout=900):
+    # bench/ is a folder of the checkout, not of the installed package: put the checkout on the
+    # path of every child (scripts run by path do not get the current directory)
+    env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p))
     out = subprocess.run([sys.executable, *args], env=env, cwd=REPO, capture_output=True,
                          text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -31,7 +34,7 @@ def _run(env, *args, timeout=900):
 
 
 def test_the_direct_path_launches_exactly_what_triton_launches(driver_env):
-    out = _run(driver_env, os.path.join("tests", "tools", "host_worker.py"))
+    out = _run(driver_env, os.path.join("tests", "bench", "host_worker.py"))
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["launches"] >= 200 and figures["distinct"] >= 40
     assert figures["direct"] == figures["launches"]      # every one took the direct path
@@ -39,7 +42,7 @@ def test_the_direct_path_launches_exactly_what_triton_launches(driver_env):
 
 def test_a_launch_hook_sends_launches_through_triton(driver_env):
     code = """
-from tritonbn.tools import host
+from bench import host
 host.use_driver()
 import torch, tritonbn
 from triton import knobs
@@ -59,7 +62,7 @@ print(seen)
 
 def test_host_benchmark_reports_every_case(driver_env, tmp_path):
     path = tmp_path / "host.json"
-    out = _run(driver_env, "-m", "tritonbn.tools.host", "--calls", "20", "--rounds", "1",
+    out = _run(driver_env, "-m", "bench.host", "--calls", "20", "--rounds", "1",
                "--no-compile", "--json", str(path))
     result = json.loads(path.read_text())
     cases = {(r["case"], r["launches"]) for r in result["rows"]}
@@ -72,9 +75,9 @@ def test_host_benchmark_reports_every_case(driver_env, tmp_path):
     assert "Triton's launch path" in out and "do-nothing libcuda" in out
 
 
-def test_bench_host_flag_runs_it_without_a_gpu(tmp_path):
+def test_host_benchmark_runs_without_a_gpu(tmp_path):
+    """Started plainly, it builds the do-nothing driver and measures in a process of its own."""
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    out = _run(env, "-m", "tritonbn", "bench", "--host", "--calls", "5", "--rounds", "1",
-               "--no-compile")
+    out = _run(env, "-m", "bench.host", "--calls", "5", "--rounds", "1", "--no-compile")
     assert "| training step (module forward + backward) | 4 |" in out

@@ -1,4 +1,4 @@
-"""The static performance model (tools/perf_model.py): its SASS loop finder and IR reader on
+"""The static performance model (bench/perf_model.py): its SASS loop finder and IR reader on
 hand-made code, its arithmetic on hand-made launches, its bytes on the real kernels -- and the
 CI check: no benchmark row predicts more than 5 points of "% of copy" worse than the committed
 table, bench/results/perf_model.md (regenerate it with the command in its header when a change
@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tritonbn import plan as planner
-from tritonbn.tools import compile_check as cc, perf_model as pm
+from bench import compile_check as cc, perf_model as pm
 
 TABLE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "bench", "results",
                      "perf_model.md")
@@ -269,7 +269,7 @@ def test_no_row_predicts_worse_than_the_committed_table(bench):
     assert committed, f"no rows in {TABLE}"
     bad = pm.check(list(preds.values()), TABLE)
     assert not bad, ("predicted % of copy dropped (regenerate the table with "
-                     "`python -m tritonbn.tools.perf_model` if that is intended):\n"
+                     "`python -m bench.perf_model` if that is intended):\n"
                      + "\n".join(bad))
 
 

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import host, shapes as shape_sets
+from . import shapes as shape_sets
 from .shapes import DTYPES, LAYOUTS, in_layout
 from .peers import available_peers, torch_backend
 from .report import geomean
@@ -173,8 +173,6 @@ def run_bench(shapes, ops=OPS, dtypes=("float16", "bfloat16", "float32"), layout
     meta = machine_info()
     meta.update(compile_backend=compile_backend, implementations=list(peers),
                 torch_backends=backends, host_overhead_us=host_overhead(peers, device),
-                host=None if smoke_mode() else host.measure(calls=200, rounds=3,
-                                                            compiled=False),
                 traffic_model={op: f"{k} * s * E" for op, k in TRAFFIC.items()},
                 copy_model=f"{COPY_TRAFFIC} * s * E (dst.copy_(x))",
                 timing=("wall clock, interpreter" if smoke_mode() else
@@ -205,16 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", help="torch.compile backend (default inductor; smoke: "
                                              "aot_eager, since inductor on CPU needs minutes)")
     # triton.testing.do_bench uses 25 / 100 ms; half of that keeps the full suite within a few
-    # 10-minute device sessions and still gives >= 5 repetitions of the largest tensors.
+    # short GPU runs and still gives >= 5 repetitions of the largest tensors.
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=50.0)
     p.add_argument("--out", default=os.path.join("bench", "results"))
     p.add_argument("--tag", help="appended to the file names (runs split over several calls "
                                  "on one day would otherwise overwrite each other)")
-    p.add_argument("--host", action="store_true",
-                   help="measure the host time per batch-norm layer instead (tritonbn's own "
-                        "code, Triton's launch path, torch's module); runs without a GPU too, "
-                        "against a do-nothing CUDA driver: see `tritonbn bench --host --help`")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -234,9 +228,6 @@ def main(argv=None) -> int:
     from .progress import Progress
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--host" in argv:
-        argv.remove("--host")
-        return host.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     # a results folder that cannot be made should fail now, not after the measurements

@@ -159,9 +159,6 @@ def markdown(result: dict) -> str:
     if host:
         lines += ["", f"Host time per small training-forward call ({shape} float16): "
                   + ", ".join(f"{k} {v} us" for k, v in host.items())]
-    if meta.get("host"):
-        from .host import format_table
-        lines += ["", format_table(meta["host"])]
     errors = [r for r in rows if "error" in r]
     if errors:
         lines += ["", "Errors:", ""] + [f"- {r['impl']} {r['op']} {r['shape']} {r['layout']} "

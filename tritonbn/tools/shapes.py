@@ -1,5 +1,6 @@
-"""Shape sets for tuning and benchmarks: presets, command-line parsing, smoke-mode shrinking, and
-the batch-norm input shapes of a model (found by a forward pass with hooks on a meta copy)."""
+"""Shape sets for tuning and benchmarks: presets, command-line parsing, smoke-mode shrinking, the
+batch-norm input shapes of a model (found by a forward pass with hooks on a meta copy), and the
+(op, shape, dtype, layout) problems that tuning and the compile check work on."""
 from __future__ import annotations
 
 import copy
@@ -7,10 +8,11 @@ import importlib
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DTYPES", "LAYOUTS", "PRESETS", "BENCH_SHAPES", "in_layout", "parse_shape",
+__all__ = ["DTYPES", "LAYOUTS", "PRESETS", "BENCH_SHAPES", "Problem", "in_layout", "parse_shape",
            "preset_shapes", "smoke_shape",
            "shapes_from_model", "load_model_factory"]
 
@@ -38,6 +40,22 @@ PRESETS["all"] = BENCH_SHAPES
 # shapes above this many elements are shrunk: the point is the machinery, not the numbers.
 SMOKE_MAX_ELEMS = 4096
 SMOKE_TARGET_ELEMS = 256
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One (op, shape, dtype, layout) case of a kernel: what ``tritonbn tune`` sweeps plans for
+    and what the repository's compile check compiles (with a fused epilogue, by name)."""
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str               # "contiguous" or "channels_last"
+    epilogue: str = "plain"   # what is fused around the normalization (the compile check's names)
+
+    @property
+    def name(self) -> str:
+        fused = "" if self.epilogue == "plain" else f" {self.epilogue}"
+        return f"{self.op} {'x'.join(map(str, self.shape))} {self.dtype} {self.layout}{fused}"
 
 
 def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:

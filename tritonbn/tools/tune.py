@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compile_check import Problem  # the same (op, shape, dtype, layout) problems
 from .. import launch, plan as planner, tuning_table
 from . import shapes as shape_sets
-from .shapes import DTYPES, LAYOUTS, in_layout
+from .shapes import DTYPES, LAYOUTS, Problem, in_layout
 from ..plan import DeviceInfo, Plan
 from ..options import BackwardArgs, ForwardArgs, Options
 from .progress import Progress
