@@ -160,9 +160,10 @@ def test_smoke_shapes_are_tiny_and_keep_their_rank():
         assert torch.Size(small).numel() <= shapes.SMOKE_TARGET_ELEMS
         assert small[0] >= 2 and small[1] >= 2
     assert shapes.smoke_shape((2, 3, 5)) == (2, 3, 5)     # already tiny: as given
-    assert shapes.parse_shape("8x64x56x56") == (8, 64, 56, 56)
-    with pytest.raises(ValueError):
-        shapes.parse_shape("8")
+    assert shapes.parse_shape("8,64,56,56") == (8, 64, 56, 56)
+    for bad in ("8", "8x64x56x56"):              # comma-separated integers only
+        with pytest.raises(ValueError):
+            shapes.parse_shape(bad)
 
 
 @pytest.mark.parametrize("argv, says", [

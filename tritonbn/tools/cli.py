@@ -1,9 +1,7 @@
-"""Command line: ``tritonbn demo`` (check against torch on this machine), ``tritonbn info``
-(which plan a shape gets and why), ``tritonbn check-compile`` (compile every plan for real
-GPUs and gate on what the compiler reports), ``tritonbn tune`` (sweep plans, write the tuning
-table), ``tritonbn bench`` (compare with torch and other peers) and ``tritonbn convert`` (what
-convert_model / fuse / fold_into_conv make of a model's batch norms). Also
-``python -m tritonbn``."""
+"""The ``tritonbn`` command (also ``python -m tritonbn``): the user commands of the installed
+package (COMMANDS). Development harnesses -- the compile check, the performance model, host
+timing, the GPU window -- live in the repository's bench/ folder and run from a checkout
+(``python -m bench.<name>``); this package never imports them."""
 from __future__ import annotations
 
 import argparse
@@ -17,20 +15,6 @@ import torch
 from .shapes import DTYPES, LAYOUTS, in_layout, parse_shape
 
 
-def _ensure_kernels_can_run(argv: list[str]) -> None:
-    """Without a GPU the kernels need Triton's interpreter, which must be on before triton is
-    imported: re-run this command with TRITON_INTERPRET=1."""
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    sys.stdout.flush()
-    if os.path.basename(sys.argv[0]) == "__main__.py":
-        os.execve(sys.executable, [sys.executable, "-m", "tritonbn", *argv], env)
-    # The console script: re-run the script itself, not `-m`, which would put the current
-    # directory first on sys.path and pick up a source checkout over the installed package.
-    os.execve(sys.executable, [sys.executable, sys.argv[0], *argv], env)
-
-
 def _make(shape, dtype, layout, device, seed):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 3 + 1).to(device=device, dtype=dtype)
@@ -42,10 +26,16 @@ def _make(shape, dtype, layout, device, seed):
 def demo(args) -> int:
     import tritonbn
     from tritonbn import plan as planner
+    from tritonbn._runtime import interpreter_enabled
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    where = (torch.cuda.get_device_name() if device == "cuda"
-             else "CPU, Triton interpreter (TRITON_INTERPRET=1)")
+    if device == "cuda":
+        where = torch.cuda.get_device_name()
+    elif interpreter_enabled():
+        where = "CPU, Triton interpreter"
+    else:
+        where = ("CPU, float64 reference path (TRITONBN_CPU=reference or TRITON_INTERPRET=0 is "
+                 "set): no kernel runs")
     print(f"tritonbn {tritonbn.__version__} | torch {torch.__version__} | "
           f"triton {__import__('triton').__version__} | running on {where}")
     shapes = [((8, 16, 12, 12), "contiguous"), ((8, 16, 12, 12), "channels_last"),
@@ -89,7 +79,8 @@ def demo(args) -> int:
             print(f"  {str(tuple(shape)):18} {layout:13} {str(dtype)[6:]:8} "
                   f"max err / dtype tolerance = {rel:5.2f}   kernels: {kernels}")
             if not launches:
-                print("  no Triton kernel ran: this is a bug")
+                print("  no Triton kernel ran" + (": this is a bug" if device == "cuda"
+                                                  or interpreter_enabled() else ""))
                 return 1
     mode = planner.device_info(torch.device(device)).name
     # within 10x the dtype's tolerance on every case (seen: below 1x)
@@ -117,6 +108,19 @@ def _table_line(device) -> str:
             f"{tuning_table.triton_version()} ({len(table.entries)} in all)")
 
 
+def _dtype_line(dtype_name: str, elem_bytes: int) -> str:
+    """What the planner keys on for this dtype: the heuristic plans on its element size only;
+    the tuning table prefers entries of the dtype itself, then those of its size."""
+    from tritonbn import tuning_table
+
+    same = [d for d in tuning_table.DTYPES_BY_SIZE.get(elem_bytes, ()) if d != dtype_name]
+    line = f"dtype {dtype_name}: planned as any {elem_bytes}-byte dtype"
+    if not same:
+        return f"{line}; tuning-table entries of {dtype_name}"
+    return (f"{line} (the heuristic plans are {' and '.join(same)}'s too); tuning-table "
+            f"entries of {dtype_name} first, then of {', '.join(same)}")
+
+
 def info(args, parser) -> int:
     from tritonbn import launch, plan as planner
     from tritonbn._runtime import interpreter_enabled
@@ -124,7 +128,7 @@ def info(args, parser) -> int:
     try:
         shape = parse_shape(args.shape)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(f"--shape: {e}")
     if args.layout == "channels_last" and len(shape) not in (4, 5):
         parser.error(f"--layout channels_last needs a 4-D or 5-D shape, got {len(shape)}-D "
                      f"{args.shape!r} (torch has no channels-last format for other ranks)")
@@ -134,9 +138,9 @@ def info(args, parser) -> int:
     device = planner.device_info(where)
     print(f"device: {device.name} ({device.sm_count} SMs)")
     if not torch.cuda.is_available() and not interpreter_enabled():
-        print("note: no GPU and the Triton interpreter is off: calls on CPU tensors take the "
-              "float64 reference path and launch no kernel; the plans below are what the "
-              "interpreter would run")
+        print("note: CPU tensors take the float64 reference path here (TRITONBN_CPU=reference "
+              "or TRITON_INTERPRET=0 is set) and launch no kernel; the plans below are what "
+              "Triton's interpreter runs without it")
     print(_table_line(device))
     for i, op in enumerate(planner.OPS if args.op == "all" else [args.op]):
         # exactly what the launchers plan (a meta tensor's data_ptr is 0: an aligned pointer)
@@ -145,6 +149,7 @@ def info(args, parser) -> int:
             print(f"input {shape} {args.dtype} {args.layout} -> plane view N={view.n} "
                   f"C={view.c} S={view.s} strides={view.strides[0]} "
                   f"channels_minor={view.channels_minor} aligned={aligned}")
+            print(_dtype_line(args.dtype, x.element_size()))
         grid = ""
         if p.variant == "split":
             _, n_tiles, per_split, splits = planner.grid_tiles(p, view.n, view.s)
@@ -192,20 +197,48 @@ def convert(args, parser) -> int:
     return 1 if args.strict and report.left_on_torch else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="tritonbn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="check tritonbn against torch on this machine and show what ran")
-    p_info = sub.add_parser("info", help="show the plan a shape gets and why")
-    p_info.add_argument("--shape", required=True, help="comma-separated, e.g. 256,64,112,112")
+# The user commands, in the order `tritonbn --help` lists them: name -> one-line description.
+COMMANDS = {
+    "demo": "check tritonbn against torch on this machine and show the kernels that ran",
+    "info": "show the plan a shape gets and why",
+    "convert": "show what convert_model, fuse and fold_into_conv make of a model's batch norms",
+    "tune": "sweep kernel plans for shapes on this GPU; write the tuning table",
+    "bench": "benchmark against torch eager, torch.compile and other implementations",
+    "overflow": "profile batch norm near float16's limit against torch and naive half precision",
+}
+# Commands with parsers of their own: name -> module.
+DELEGATED = {"tune": "tune", "bench": "bench", "overflow": "overflow_profile"}
+
+
+def _description() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["Batch norm for PyTorch as Triton kernels.", "", "commands:"]
+    lines += [f"  {name:{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`tritonbn COMMAND --help` shows a command's options. Also `python -m tritonbn`."]
+    return "\n".join(lines)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The top-level parser and the sub-parsers of the commands it parses itself."""
+    parser = argparse.ArgumentParser(prog="tritonbn", usage="%(prog)s [-h] COMMAND ...",
+                                     description=_description(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the commands are listed (one line each) in the description, not again by argparse
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help=argparse.SUPPRESS)
+    own = {}
+    own["demo"] = sub.add_parser("demo", description=COMMANDS["demo"])
+    p_info = own["info"] = sub.add_parser("info", description=COMMANDS["info"])
+    p_info.add_argument("--shape", required=True,
+                        help="comma-separated integers, at least N and C, e.g. 256,64,112,112")
     p_info.add_argument("--dtype", default="float16", choices=sorted(DTYPES) + ["float64"])
     p_info.add_argument("--layout", default="contiguous", choices=LAYOUTS)
     p_info.add_argument("--op", default="all", choices=["all", "fwd_train", "fwd_eval",
                                                          "bwd_train", "bwd_eval"])
-    p_convert = sub.add_parser(
-        "convert", help="show what convert_model (--fuse, --fold: fuse, fold_into_conv) makes "
-                        "of each batch-norm layer of a model, and why any stays on torch")
+    p_convert = own["convert"] = sub.add_parser(
+        "convert", description="show what convert_model (--fuse, --fold: fuse, fold_into_conv) "
+                               "makes of each batch-norm layer of a model, and why any stays on "
+                               "torch")
     p_convert.add_argument("--model", required=True, metavar="MODULE:CALLABLE",
                            help="a callable returning the model, called with no arguments, "
                                 "e.g. torchvision.models:resnet50")
@@ -217,37 +250,37 @@ def main(argv: list[str] | None = None) -> int:
     p_convert.add_argument("--markdown", action="store_true", help="print a markdown table")
     p_convert.add_argument("--strict", action="store_true",
                            help="exit with status 1 when a layer stays on torch")
-    # Commands with parsers of their own: (module, needs the kernels to run, help).
-    delegated = {
-        "check-compile": ("compile_check", False,
-                          "compile every kernel plan for sm_90a / sm_80 and report registers, "
-                          "spills, occupancy and access widths"),
-        "overflow": ("overflow_profile", True,
-                     "profile batch norm near float16's limit against torch and a naive "
-                     "half-precision implementation"),
-        "tune": ("tune", True, "sweep kernel plans for shapes on this GPU and write the tuning "
-                               "table the dispatcher reads"),
-        "bench": ("bench", True, "benchmark against torch eager, torch.compile and other "
-                                     "installed implementations; write results under "
-                                     "bench/results"),
-        "gpu-window": ("gpu_window", False,
-                       "on a GPU machine: run the prepared measurement script in a time budget "
-                       "(--dry-run rehearses it on CPU); 'gpu-window import' files its results"),
-    }
-    for name, (_module, _kernels, text) in delegated.items():
-        sub.add_parser(name, add_help=False, help=f"{text} (see --help)")
-    if argv[:1] and argv[0] in delegated:
-        module, kernels, _text = delegated[argv[0]]
-        if kernels:
-            _ensure_kernels_can_run(argv)
-        return importlib.import_module(f".{module}", __package__).main(argv[1:])
+    for name in DELEGATED:
+        # parsed by the command's own module (`tritonbn NAME --help`)
+        sub.add_parser(name, add_help=False, description=COMMANDS[name])
+    return parser, own
+
+
+def _run(argv: list[str]) -> int:
+    if argv[:1] and argv[0] in DELEGATED:
+        return importlib.import_module(f".{DELEGATED[argv[0]]}", __package__).main(argv[1:])
+    parser, own = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        _ensure_kernels_can_run(argv)
         return demo(args)
     if args.command == "convert":
-        return convert(args, p_convert)
-    return info(args, p_info)
+        return convert(args, own["convert"])
+    return info(args, own["info"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here (help and usage errors too), not at exit
+    except BrokenPipeError:
+        # The reader went away (`tritonbn info ... | head -1`): stop quietly, as a process
+        # killed by SIGPIPE would. Python still flushes stdout at exit: point it at devnull.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import copy
 import importlib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -67,13 +68,15 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.contiguous()
 
 
+_SHAPE = re.compile(r"\s*[0-9]+(\s*,\s*[0-9]+)*\s*")
+
+
 def parse_shape(text: str) -> Shape:
-    """'256,64,112,112' (or 256x64x112x112) -> (256, 64, 112, 112); at least (N, C)."""
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
+    """'256,64,112,112' -> (256, 64, 112, 112): comma-separated integers, at least (N, C).
+    Anything else ('256x64x112x112', '2,,3', '1_000,3', a trailing comma) is refused."""
+    if not _SHAPE.fullmatch(text):
         raise ValueError(f"bad shape {text!r}: expected comma-separated integers like 8,64,56,56")
+    shape = tuple(int(p) for p in text.split(","))
     if len(shape) < 2 or any(d < 1 for d in shape):
         raise ValueError(f"bad shape {text!r}: need (N, C, ...) with every size >= 1")
     return shape
