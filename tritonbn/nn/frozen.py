@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import functional
 from .modules import TritonNorm, _check_activation
 
 __all__ = ["FrozenBatchNorm2d"]
@@ -61,24 +60,21 @@ class FrozenBatchNorm2d(TritonNorm, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def _run(self, input: Tensor, residual: Optional[Tensor] = None,
-             activation: bool = True) -> Tensor:
+    def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        b = self._buffers
-        weight, bias, mean, var = b["weight"], b["bias"], b["running_mean"], b["running_var"]
+
+    def _uses_batch_statistics(self, running_mean, running_var) -> bool:
+        return False        # whatever the training mode
+
+    def _prepare_input(self, input: Tensor) -> Tensor:
         # torchvision computes x * scale + shift with tensors of the buffers' dtype, so the
         # output has the promoted dtype: cast the input up front and normalize in that dtype.
         dtype = input.dtype
-        for t in (weight, bias, mean, var):
-            dtype = torch.promote_types(dtype, t.dtype)
-        if dtype != input.dtype:
-            input = input.to(dtype)
-        o = functional.options(False, 0.0, float(self.eps),
-                               self.activation if activation else None, self.negative_slope,
-                               overflow=self.overflow, nonfinite_stats=self.nonfinite_stats)
-        return functional.run(input, o, mean, var, weight, bias, residual,
-                              overflow_stats=self.overflow_stats)
+        for t in self._buffers.values():
+            if t is not None and t.is_floating_point():
+                dtype = torch.promote_types(dtype, t.dtype)
+        return input if dtype == input.dtype else input.to(dtype)
 
     def extra_repr(self) -> str:
         parts = [f"{self.features()}, eps={self.eps}"]

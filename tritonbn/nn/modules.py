@@ -55,27 +55,37 @@ class TritonNorm:
         """The process group to synchronize statistics over (SyncBatchNorm), or None."""
         return None
 
+    def _uses_batch_statistics(self, running_mean, running_var) -> bool:
+        """torch's rule: batch statistics normalize in training, and in eval when there are no
+        running buffers. (A frozen layer never uses them.)"""
+        return self.training or (running_mean is None and running_var is None)
+
+    def _prepare_input(self, input: Tensor) -> Tensor:
+        """The input as the op takes it (a frozen layer promotes it to its buffers' dtype)."""
+        return input
+
     def _run(self, input: Tensor, residual: Optional[Tensor] = None,
              activation: bool = True) -> Tensor:
         """torch's _BatchNorm.forward with tritonbn's op; ``activation=False`` leaves the
         layer's activation out (the caller applies it)."""
         self._check_input_dim(input)
+        input = self._prepare_input(input)
         # (parameters and buffers read from their dicts: nn.Module's attribute lookup for them
         # costs a microsecond per call on this path)
         params, buffers, training = self._parameters, self._buffers, self.training
         running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
         batches = buffers.get("num_batches_tracked")
         momentum = self.momentum
-        # Batch statistics normalize in training, and in eval when there are no running buffers.
-        use_batch_stats = training or (running_mean is None and running_var is None)
+        use_batch_stats = self._uses_batch_statistics(running_mean, running_var)
         o = functional.options(
             use_batch_stats, 0.0 if momentum is None else momentum, self.eps,
             self.activation if activation else None, self.negative_slope, self.renorm,
             self.warmup_steps, self.overflow, self.nonfinite_stats, cumulative=momentum is None,
             group=self._process_group() if training else None)
         # Running buffers go to the op when it updates them (training with tracking) or reads
-        # them (eval); a module whose track_running_stats was switched off keeps its buffers.
-        passed = not training or self.track_running_stats
+        # them (running statistics normalize); a module whose track_running_stats was switched
+        # off keeps its buffers.
+        passed = not use_batch_stats or self.track_running_stats
         counting = training and self.track_running_stats and batches is not None
         # momentum=None and renorm's warm-up read the batch counter on the device (no host
         # sync); with nonfinite_stats="skip" each channel counts its own batches.
@@ -84,7 +94,8 @@ class TritonNorm:
                        and self.nonfinite_stats == "skip" else None)
         out = functional.run(
             input, o, running_mean if passed else None, running_var if passed else None,
-            params.get("weight"), params.get("bias"), residual,
+            params.get("weight", buffers.get("weight")), params.get("bias", buffers.get("bias")),
+            residual,
             batches if reads_batches else None, per_channel, self.overflow_stats,
             self.per_activation)
         if counting:
