@@ -3,8 +3,8 @@
  * Built by `python -m bench.host` (bench/host.py) into libcuda.so.1 and put first on the
  * library path, so that Triton's NVIDIA backend builds and runs its real C launcher: every
  * launch goes through JITFunction.run, the binder, the kernel cache and the launcher, and ends
- * here, where nothing is executed. Kernels are compiled for sm_90 as on an H100; CPU tensors stand in for device
- * tensors (their pointers are passed, never dereferenced).
+ * here, where nothing is executed. Kernels are compiled for sm_90 as on an H100; CPU tensors
+ * stand in for device tensors (their pointers are passed, never dereferenced).
  *
  * For the launch-equivalence test, cuLaunchKernelEx can record what it receives: the grid, the
  * block, the dynamic shared memory and the bytes of every kernel parameter, whose sizes the
