@@ -722,7 +722,7 @@ def main(argv=None) -> int:
                                       "unless --check is given)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as compact JSON")
     parser.add_argument("--check", metavar="PATH",
-                        help=f"compare with a committed table: exit 1 when a row's % of copy "
+                        help=f"compare with a committed table: exit 1 when a row's %% of copy "
                              f"dropped by more than {TOLERANCE:g} points (writes nothing "
                              "unless --out is given too)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)

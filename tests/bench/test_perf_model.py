@@ -251,6 +251,13 @@ def test_table_round_trip_and_check(tmp_path):
     assert "fwd_eval" in bad and "committed" in bad
 
 
+def test_help_prints(capsys):
+    # argparse formats help strings with %: a literal "% of copy" in one broke --help
+    with pytest.raises(SystemExit) as exit_:
+        pm.main(["--help"])
+    assert exit_.value.code == 0 and "--check PATH" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ the real kernels
 
 @pytest.fixture(scope="module")
