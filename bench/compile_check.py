@@ -41,7 +41,7 @@ import torch
 from tritonbn import launch, plan as planner
 from tritonbn.options import BackwardArgs, ForwardArgs, Options
 from tritonbn.plan import DeviceInfo
-from tritonbn.tools.shapes import BENCH_SHAPES, DTYPES, Problem, in_layout
+from tritonbn.tools.shapes import BENCH_SHAPES, DTYPES, Problem
 
 __all__ = ["TARGETS", "Problem", "problems", "tuned_problems", "capture", "specialize",
            "compile_and_inspect", "run_check", "main", "parse_sass", "sass_loops", "ttir_accesses"]
@@ -785,7 +785,7 @@ def write_report(results: list[Result], out_dir: str, stem: str = "compile_check
         json.dump({"versions": meta, "results": [dataclasses.asdict(r) for r in results]}, f,
                   indent=1, default=str)
     md_path = os.path.join(out_dir, f"{stem}.md")
-    lines = [f"# Compile check: every kernel plan compiled for real GPUs",
+    lines = ["# Compile check: every kernel plan compiled for real GPUs",
              "",
              f"torch {meta['torch']}, triton {meta['triton']}, {meta['ptxas']}, {meta['date']}. "
              f"Made by `python -m bench.compile_check`; see bench/README.md for how to read it.",

@@ -150,7 +150,7 @@ def inv_std(var, eps):
     float32: the hardware reciprocal square root (rsqrt.approx.f32, relative error < 2^-22.9).
     A correctly rounded sqrt_rn buys nothing here: Triton's float32 `/` is div.full.f32, itself
     ~2 ulp, and sqrt_rn's slow-path subroutine cost sm_80 kernels an 8-16 B stack frame
-    (tritonbn check-compile). float64 (gradcheck precision): sqrt and division, both IEEE."""
+    (python -m bench.compile_check). float64 (gradcheck precision): sqrt and division, both IEEE."""
     if var.dtype == tl.float64:
         return 1.0 / tl.sqrt(var + eps)
     return tl.math.rsqrt(var + eps)

@@ -1,7 +1,6 @@
 """Every kernel plan compiles for sm_90a and sm_80 without a GPU, spill-free, with 16-byte
 accesses for aligned half activations -- and the check catches plans that are not."""
 import pytest
-import torch
 
 from tritonbn import launch, plan as planner
 from bench import compile_check as cc

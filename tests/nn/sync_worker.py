@@ -1,6 +1,5 @@
 """Worker processes for tests/test_sync.py (imported by torch.multiprocessing.spawn)."""
 import gc
-import os
 
 import torch
 import torch.distributed as dist

@@ -1,6 +1,5 @@
 """Synchronized batch norm: 2 (and, in the slow tier, 3) gloo processes on CPU (the interpreter
 runs the kernels) against single-process batch norm over the concatenated batch."""
-import os
 
 import pytest
 import torch

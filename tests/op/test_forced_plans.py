@@ -71,7 +71,7 @@ def test_forced_plan_training(shape, layout, plan, kernels, dtype, device):
 def test_forced_split_eval_backward(param_grads, device):
     shape = (5, 3, 7, 9)
     x = make_input(shape, torch.float16, "contiguous", device, seed=5)
-    c, m = 3, reduction_size(x)
+    m = reduction_size(x)
     rm = torch.tensor([0.1, -0.2, 0.3], device=device)
     rv = torch.tensor([2.0, 3.0, 4.0], device=device)
     w = torch.tensor([1.5, 0.5, -1.0], device=device).requires_grad_(param_grads)

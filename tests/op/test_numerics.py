@@ -1,13 +1,12 @@
 """Numerical guarantees: robust variance, determinism, NaN isolation, half precision near its
 limit, stride-0 gradients, float64 gradcheck, empty batches and momentum/eps semantics."""
-import math
 
 import pytest
 import torch
 
 import tritonbn
 from tritonbn.plan import forced_plan
-from tests.helpers import assert_close, make_input, reduction_size, reference, tol
+from tests.helpers import assert_close, make_input, reference, tol
 
 
 @pytest.mark.parametrize("plan", [None, dict(variant="split", block_n=4, block_s=256, splits=5)],

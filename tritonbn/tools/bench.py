@@ -11,7 +11,6 @@ labelled SMOKE MODE -- the timings mean nothing; the machinery is what is checke
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -21,7 +20,6 @@ import torch
 from . import shapes as shape_sets
 from .shapes import DTYPES, LAYOUTS, in_layout
 from .peers import available_peers, torch_backend
-from .report import geomean
 from .timing import (SMOKE_LABEL, machine_info, make_timer, require_kernels_runnable, run_device,
                      smoke_mode)
 
@@ -168,7 +166,7 @@ def run_bench(shapes, ops=OPS, dtypes=("float16", "bfloat16", "float32"), layout
                 if progress is not None:
                     progress.update(f"{name} {op} {base['shape']} {layout} {dtype}")
             peer.reset()
-        del x, dy, dst
+        x = dy = dst = None    # free this case's tensors before the next is made
     _add_speedups(rows)
     meta = machine_info()
     meta.update(compile_backend=compile_backend, implementations=list(peers),
