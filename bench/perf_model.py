@@ -237,7 +237,8 @@ def launch_facts(prob, kernel, grid, args, kwargs, res) -> LaunchFacts:
     numel = _prod(prob.shape)
     # the canonical (N, C, S) plane the kernels see (a 2-D input is one sample of S = N rows)
     n, c, s = (int(values[k]) if isinstance(values.get(k), int) else d
-               for k, d in zip("NCS", (prob.shape[0], prob.shape[1], _prod(prob.shape[2:]))))
+               for k, d in zip(("size_n", "size_c", "size_s"),
+                               (prob.shape[0], prob.shape[1], _prod(prob.shape[2:]))))
     warps = int(kwargs.get("num_warps", 4))
     threads = 32 * warps
     programs = _prod(grid)

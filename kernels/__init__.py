@@ -8,8 +8,11 @@ modules or shapes beyond the canonical (N, C, S) view that the host builds:
 * a channel's reduction domain is the N x S plane, walked in tiles of
   BLOCK_N samples x BLOCK_S positions x BLOCK_C channels.
 
-Every kernel orders its parameters pointers, integers, floats, then compile-time constants: the
-host's direct launch path (tritonbn/direct_launch.py) relies on that order. Absent tensors are
+Every kernel orders its parameters pointers (upper-case names), integers (lower-case),
+floats (annotated tl.float64 / tl.float32), then compile-time constants (tl.constexpr): the
+host binds arguments by name from this signature (tritonbn/launch/run.py checks the order) and
+its direct launch path (tritonbn/direct_launch.py) packs them in these groups. The canonical
+sizes come in as size_n, size_c, size_s and are called N, C, S inside. Absent tensors are
 passed as None, with None strides, and a constexpr flag says so.
 """
 from .forward import bn_fwd_apply_kernel, bn_fwd_onepass_kernel, bn_stats_partial_kernel

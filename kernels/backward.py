@@ -43,7 +43,7 @@ def bn_bwd_partial_kernel(
     B,                  # pointer to beta (C,) or None
     SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or None
     PART,               # pointer to partial sums, (2, n_splits, C) in ACC: sum dz, sum dz*x_hat
-    N, C, S,
+    size_n, size_c, size_s,   # canonical sizes N, C, S
     stride_xn, stride_xc, stride_xs,
     stride_dyn, stride_dyc, stride_dys,
     stride_rn, stride_rc, stride_rs,
@@ -62,6 +62,9 @@ def bn_bwd_partial_kernel(
     BLOCK_C: tl.constexpr,
     USE_INT64: tl.constexpr,
 ):
+    N = size_n                  # the canonical sizes under their short names
+    C = size_c
+    S = size_s
     pid_c = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -117,7 +120,7 @@ def bn_bwd_apply_kernel(
     PART,               # pointer to the (2, n_part_splits, C) partial sums, or None
     DW,                 # pointer to grad_weight (C,), ACC, or None
     DB,                 # pointer to grad_bias (C,), ACC, or None
-    N, C, S,
+    size_n, size_c, size_s,   # canonical sizes N, C, S
     stride_xn, stride_xc, stride_xs,
     stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
@@ -127,7 +130,7 @@ def bn_bwd_apply_kernel(
     n_tiles,
     tiles_per_split,
     n_part_splits,      # partials per channel in PART, at most SPLITS_P2 (0: no sums needed)
-    total_count,        # elements per channel behind the sums in PART (all processes' batches)
+    total_count: tl.float32,   # elements per channel behind PART's sums (every process's batch)
     slope: tl.float64,  # leaky_relu negative slope
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,         # batch statistics: dx has the mean terms
@@ -145,6 +148,9 @@ def bn_bwd_apply_kernel(
     BLOCK_C: tl.constexpr,
     USE_INT64: tl.constexpr,
 ):
+    N = size_n                  # the canonical sizes under their short names
+    C = size_c
+    S = size_s
     # Programs and tiles in the reverse of the partial pass's order: its last tiles are the
     # freshest in L2, so a tensor that fits L2 is read from there, not from HBM again.
     pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -221,7 +227,7 @@ def bn_bwd_onepass_kernel(
     SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), or None
     DW,                 # pointer to grad_weight (C,), ACC
     DB,                 # pointer to grad_bias (C,), ACC
-    N, C, S,            # canonical sizes; N <= BLOCK_N and S <= BLOCK_S
+    size_n, size_c, size_s,   # canonical sizes N, C, S; N <= BLOCK_N and S <= BLOCK_S
     stride_xn, stride_xc, stride_xs,
     stride_dyn, stride_dyc, stride_dys,
     stride_dxn, stride_dxc, stride_dxs,
@@ -243,6 +249,9 @@ def bn_bwd_onepass_kernel(
     USE_INT64: tl.constexpr,
 ):
     """Backward for planes that fit one tile: x and dy read once, dx written once."""
+    N = size_n                  # the canonical sizes under their short names
+    C = size_c
+    S = size_s
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C

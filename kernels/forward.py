@@ -61,7 +61,7 @@ def _welford_full_tile(ptrs, tn, ts, ds, S, cmask, mean, m2, k, stride_n, stride
 def bn_stats_partial_kernel(
     X,                  # pointer to the input activation, canonical view (N, C, S)
     PART,               # pointer to partials, (3, n_splits, C) in ACC: count, mean, M2
-    N, C, S,            # canonical sizes
+    size_n, size_c, size_s,   # canonical sizes N, C, S
     stride_xn, stride_xc, stride_xs,   # element strides of X
     n_tiles_s,          # tiles along S: cdiv(S, BLOCK_S)
     n_tiles,            # tiles in a channel's plane: cdiv(N, BLOCK_N) * n_tiles_s
@@ -89,6 +89,9 @@ def bn_stats_partial_kernel(
     mean of the lane means, then the lanes' M2 plus their counts times squared deviations), in
     fixed-order sums, so the result is deterministic.
     """
+    N = size_n                  # the canonical sizes under their short names
+    C = size_c
+    S = size_s
     pid_c = tl.program_id(0)
     pid_k = tl.program_id(1)
     n_splits = tl.num_programs(1)
@@ -192,7 +195,7 @@ def bn_fwd_apply_kernel(
     SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or None
     OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or None
     OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or None
-    N, C, S,            # canonical sizes
+    size_n, size_c, size_s,   # canonical sizes N, C, S
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
     stride_rn, stride_rc, stride_rs,   # element strides of RES (None without it)
@@ -225,6 +228,9 @@ def bn_fwd_apply_kernel(
     BLOCK_C: tl.constexpr,
     USE_INT64: tl.constexpr,
 ):
+    N = size_n                  # the canonical sizes under their short names
+    C = size_c
+    S = size_s
     # Programs in the reverse of the statistics pass's order too: its last programs' tiles are
     # the freshest in L2 (see the tile loop below).
     pid_c = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -304,7 +310,7 @@ def bn_fwd_onepass_kernel(
     SAVE_RD,            # pointer to the saved renorm (r, d), (2, C), ACC, or None
     OVF_COUNT,          # pointer to per-channel overflow counts (C,) int64, accumulated, or None
     OVF_MAX,            # pointer to per-channel max |y| (C,) float32, accumulated, or None
-    N, C, S,            # canonical sizes; N <= BLOCK_N and S <= BLOCK_S
+    size_n, size_c, size_s,   # canonical sizes N, C, S; N <= BLOCK_N and S <= BLOCK_S
     stride_xn, stride_xc, stride_xs,   # element strides of X
     stride_yn, stride_yc, stride_ys,   # element strides of Y
     stride_rn, stride_rc, stride_rs,   # element strides of RES (None without it)
@@ -332,6 +338,9 @@ def bn_fwd_onepass_kernel(
     USE_INT64: tl.constexpr,
 ):
     """Training forward for planes that fit one tile: one read of x, one write of y."""
+    N = size_n                  # the canonical sizes under their short names
+    C = size_c
+    S = size_s
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C

@@ -17,7 +17,7 @@ def _chunk(PART, k0, c, cmask, C, n_splits, BLOCK_K: tl.constexpr):
 def bn_merge_partials_kernel(
     PART,               # pointer to partials, (Q, n_splits, C) in ACC
     OUT,                # pointer to the merged summary, (Q, C) in ACC
-    C,                  # channels
+    size_c,             # channels C
     n_splits,           # partials per channel
     MOMENTS: tl.constexpr,      # Q = 3 (count, mean, M2), merged exactly; else Q = 2, summed
     ACC: tl.constexpr,
@@ -28,6 +28,7 @@ def bn_merge_partials_kernel(
     counts and count-weighted means first, then (a second, L2-resident read) of the M2s plus
     each count times its mean's squared deviation from the merged mean. A few multiply-adds
     per partial, reduced once in a fixed tree: deterministic."""
+    C = size_c                  # the channels under their short name
     pid = tl.program_id(0)
     c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C

@@ -1,0 +1,148 @@
+"""The backward launcher: grad_input (and the residual's gradient through the activation),
+grad_weight, grad_bias -- by the kernels, or by the float64 reference for CPU tensors when
+asked.
+
+A plane that fits one tile: one launch (``bn_bwd_onepass_kernel``). Else the partial kernel
+writes per-split sums of dz and dz * x_hat, [merged once per channel when many; all-reduced
+over the processes when synchronized], and the apply kernel finishes them into grad_weight /
+grad_bias and computes grad_input.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from .. import direct_launch, reference
+from .. import plan as planner
+from .._runtime import uses_reference, warn_reference_path
+from ..layout import empty_output
+from ..options import BackwardArgs, Options
+from .merge import merge_partials, merged, sums_over_processes
+from .planning import contiguous, geometry, plan as make_plan, tl_acc, view_or_copy
+from .run import constants, run
+
+__all__ = ["backward"]
+
+
+def backward(a: BackwardArgs, o: Options, param_grads: bool) -> tuple:
+    """Backward of y = act(BN(x) + residual): (grad_input, grad_weight, grad_bias,
+    grad_residual). Parameter gradients are in the statistics' dtype; grad_residual is None
+    without an activation (it is grad_output itself). With ``Options.group`` grad_input uses the
+    sums over every process's batch; grad_weight / grad_bias stay this process's own, as in
+    torch (DistributedDataParallel averages them)."""
+    x, residual = a.input, a.residual
+    c = x.shape[1]
+    acc = a.save_mean.dtype
+    dx = empty_output(x)
+    dres = empty_output(residual) if residual is not None and o.activation is not None else None
+    dw = torch.empty(c, dtype=acc, device=x.device)
+    db = torch.empty(c, dtype=acc, device=x.device)
+    if x.numel() == 0 and o.group is None:
+        dw.zero_()
+        db.zero_()
+    elif uses_reference(x):
+        warn_reference_path()
+        _reference_backward(a, o, dx, dw, db, dres)
+    else:
+        _kernel_backward(a, o, param_grads, dx, dw, db, dres)
+    return dx, dw, db, dres
+
+
+def _reference_backward(a: BackwardArgs, o: Options, dx, dw, db, dres) -> None:
+    sums = reference.backward_sums(a, o)                      # (2, C) float64: dz, dz * x_hat
+    count = a.input.numel() // max(a.input.shape[1], 1)
+    means = sums / max(count, 1)
+    if o.group is not None:
+        means = sums_over_processes(sums.to(dw.dtype), count, o.group).double()
+    grad_x, grad_res = reference.backward_apply(a, o, means)
+    dx.copy_(reference.fit(grad_x, dx.dtype, o.saturate))
+    if dres is not None:
+        dres.copy_(reference.fit(grad_res, dres.dtype, o.saturate))
+    r, d = reference.renorm_factors(a)
+    dw.copy_(r * sums[1] + d * sums[0])
+    db.copy_(sums[0])
+
+
+class _BackwardSpec(NamedTuple):
+    """What a backward's launches take that depends only on its plan and options (cached)."""
+    onepass: direct_launch.Constants     # bn_bwd_onepass_kernel's constants
+    partial: direct_launch.Constants     # bn_bwd_partial_kernel's
+    apply: direct_launch.Constants       # bn_bwd_apply_kernel's
+
+
+@functools.lru_cache(maxsize=4096)
+def _backward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_b: bool,
+                   has_res: bool, renorm: bool, write_dres: bool, write_sums: bool,
+                   splits_p2: int) -> _BackwardSpec:
+    flags = dict(ACC=tl_acc(torch.float64 if acc64 else torch.float32), HAS_W=has_w,
+                 HAS_B=has_b, HAS_RES=has_res, ACT=o.act_code, RENORM=renorm)
+    return _BackwardSpec(
+        constants(plan, TRAINING=o.training, WRITE_DRES=write_dres, SATURATE=o.saturate,
+                  **flags),
+        constants(plan, **flags),
+        constants(plan, TRAINING=o.training, WRITE_SUMS=write_sums, WRITE_DRES=write_dres,
+                  SATURATE=o.saturate, SPLITS_P2=splits_p2, **flags))
+
+
+_BACKWARD_STRIDES = ("x", "dy", "dx", "r", "dr")   # input, its gradient in and out, residual's
+
+
+def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db, dres) -> None:
+    x, residual, dy = a.input, a.residual, a.grad_output
+    c = x.shape[1]
+    write_dres = dres is not None
+    view, x, others = view_or_copy(x, [dy, dx, residual, dres])
+    dy, res = others[0], others[2]
+    assert others[1] is dx and others[3] is dres, \
+        "outputs are allocated in a format that always has a plane view"
+    need_sums = param_grads or o.training
+    rd = a.save_rd if a.save_rd is not None and a.save_rd.numel() else None
+    # Eval backward without parameter grads is one element-wise pass, planned like eval forward.
+    op = "bwd_train" if o.training else ("bwd_eval" if need_sums else "fwd_eval")
+    plan = make_plan(op, view, x, [t for t in (x, dy, dx, res, dres) if t is not None])
+    synchronized = o.group is not None
+    c_blocks = planner.cdiv(c, plan.block_c)
+    onepass = plan.variant == "onepass" and not synchronized
+    splits_p2 = 1
+    if not onepass:
+        n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+        if need_sums and not synchronized:
+            splits_p2 = planner.pow2(splits) if splits * plan.block_c <= planner.MERGE_IN_APPLY \
+                else 1
+    spec = _backward_spec(plan, o, a.save_mean.dtype is torch.float64, a.weight is not None,
+                          a.bias is not None, res is not None, rd is not None, write_dres,
+                          need_sums and not synchronized, splits_p2)
+    args = {
+        "X": x, "DY": dy, "DX": dx, "RES": res, "DRES": dres,
+        "MEAN": a.save_mean, "INVSTD": a.save_invstd,
+        "W": contiguous(a.weight), "B": contiguous(a.bias), "SAVE_RD": rd, "DW": dw, "DB": db,
+        "slope": float(o.negative_slope), **geometry(view, _BACKWARD_STRIDES)}
+
+    if onepass:
+        run("bn_bwd_onepass_kernel", (c_blocks,), args, spec.onepass)
+        return
+
+    args.update(n_tiles_s=n_tiles_s, n_tiles=n_tiles, tiles_per_split=per_split)
+    part, total = None, float(view.n * view.s)
+    if need_sums:
+        part = torch.empty((2, splits, c), dtype=a.save_mean.dtype, device=x.device)
+        run("bn_bwd_partial_kernel", (c_blocks, splits), {**args, "PART": part}, spec.partial)
+    if synchronized:
+        local = merge_partials(part, moments=False)           # this process's own sums
+        db.copy_(local[0])
+        r, d = (rd[0], rd[1]) if rd is not None else (1.0, 0.0)
+        dw.copy_(r * local[1] + d * local[0])
+        part = sums_over_processes(local, view.n * view.s, o.group).reshape(2, 1, c)
+        total = 1.0                                           # the kernel gets means
+    elif need_sums:
+        part = merged(part, plan, moments=False)
+    else:
+        dw.zero_()
+        db.zero_()
+    if x.numel() == 0:
+        return
+    args.update(PART=part, n_part_splits=0 if part is None else part.shape[1],
+                total_count=total)
+    run("bn_bwd_apply_kernel", (c_blocks, splits), args, spec.apply)

@@ -1,0 +1,188 @@
+"""The forward launcher: y = act(BN(x) + residual), statistics saved, running statistics and
+counters updated -- by the kernels, or by the float64 reference for CPU tensors when asked.
+
+Training with a plan whose plane fits one tile: one launch (``bn_fwd_onepass_kernel``). Else
+the statistics kernel writes per-split partials, [the merge kernel merges many of them; a
+synchronized call gathers every process's], and the apply kernel merges what is left, finishes
+the statistics, updates the running ones and normalizes.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from .. import direct_launch, reference
+from .. import plan as planner
+from .._runtime import uses_reference, warn_reference_path
+from ..layout import empty_output
+from ..options import ForwardArgs, Options
+from .merge import gather_moments, merge_partials, merged, world_size
+from .planning import contiguous, geometry, plan as make_plan, tl_acc, view_or_copy
+from .run import constants, run
+from .updates import Updates
+
+__all__ = ["forward"]
+
+
+def forward(a: ForwardArgs, o: Options, in_place: bool = True) -> tuple:
+    """y = act(BN(x) + residual). Returns the op's outputs in FORWARD_OUTPUTS order:
+    (y, save_mean, save_invstd, save_rd, new_running_mean, new_running_var,
+    new_channel_batches, new_overflow_count, new_overflow_max). Statistics are float32 (float64
+    for float64 input); save_rd is renorm's (2, C) r and d, or None. A ``new_`` output is a
+    tensor with the updated values, None in place or when the op does not update that argument."""
+    x = a.input
+    c = x.shape[1]
+    acc = torch.float64 if x.dtype is torch.float64 else torch.float32
+    y = empty_output(x)
+    save_mean = torch.empty(c, dtype=acc, device=x.device)
+    save_invstd = torch.empty(c, dtype=acc, device=x.device)
+    save_rd = torch.empty((2, c), dtype=acc, device=x.device) if o.renorming else None
+    upd = Updates(a, o, in_place)
+    saves = (save_mean, save_invstd, save_rd)
+    if x.numel() == 0 and o.group is None:
+        # torch leaves the running statistics alone on an empty batch; nothing to normalize.
+        for t in saves:
+            if t is not None:
+                t.zero_()
+        for u in upd.items.values():
+            if u is not None:
+                u.unchanged()
+    elif uses_reference(x):
+        warn_reference_path()
+        _reference_forward(a, o, y, saves, upd)
+    else:
+        _kernel_forward(a, o, y, saves, upd)
+    return (y, *saves, *upd.finish())
+
+
+def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
+    """The same steps in float64 torch: local moments, [exchange], normalize."""
+    x = a.input
+    part = None
+    if o.training:
+        part = reference.moments(x).to(saves[0].dtype).unsqueeze(1)   # (3, 1, C)
+        if o.group is not None:
+            part = gather_moments(part[:, 0], o.group)
+    reads = upd.reads
+    out = reference.forward_apply(a, o, part, reads["running_mean"], reads["running_var"],
+                                  reads["channel_batches"])
+    y.copy_(reference.fit(out.y, y.dtype, o.saturate))
+    for t, v in zip(saves, (out.mean, out.invstd, out.rd)):
+        if t is not None:
+            t.copy_(v)
+    for name, value in (("running_mean", out.new_mean), ("running_var", out.new_var),
+                        ("channel_batches", out.new_counts)):
+        u = upd.items[name]
+        if u is not None and u.write is not None:
+            if value is None:
+                u.unchanged()
+            else:
+                u.write.copy_(reference.fit(value, u.write.dtype, o.saturate))
+    if a.overflow_count is not None:
+        count, biggest = reference.overflow(out.y, y.dtype)
+        upd.writes["overflow_count"].add_(count)
+        w = upd.writes["overflow_max"]
+        w.copy_(torch.maximum(w, biggest.to(w.dtype)))
+
+
+class _ForwardSpec(NamedTuple):
+    """What a forward's launches take that depends only on its plan and options (cached)."""
+    onepass: direct_launch.Constants     # bn_fwd_onepass_kernel's constants
+    stats: direct_launch.Constants       # bn_stats_partial_kernel's
+    apply: direct_launch.Constants       # bn_fwd_apply_kernel's
+    floats: dict                         # momentum, eps, slope, rmax, dmax
+    reads_batches: bool                  # the kernel reads the module's batch counter
+
+
+@functools.lru_cache(maxsize=4096)
+def _forward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_b: bool,
+                  has_res: bool, per_channel: bool, counting: bool, update: bool,
+                  splits_p2: int, edges: bool, one_column: bool) -> _ForwardSpec:
+    # momentum=None: the weight 1 / (batches + 1) from per-channel counts, else the module's
+    cumulative = 0 if not (o.training and o.cumulative) else (2 if per_channel else 1)
+    warmup = o.renorming and o.warmup_steps > 0
+    rmax, dmax = o.renorm if o.renorming else (1.0, 0.0)
+    acc = tl_acc(torch.float64 if acc64 else torch.float32)
+    flags = dict(ACC=acc, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=o.act_code,
+                 RENORM=o.renorming, WARMUP=warmup, SKIP_NONFINITE=o.skip_nonfinite,
+                 CUMULATIVE=cumulative, SATURATE=o.saturate, COUNT_OVERFLOW=counting)
+    return _ForwardSpec(
+        constants(plan, UPDATE_RUNNING=update, **flags),
+        constants(plan, ACC=acc, EDGES=edges, ONE_COLUMN=one_column),
+        constants(plan, TRAINING=o.training, UPDATE_RUNNING=update, SPLITS_P2=splits_p2,
+                  **flags),
+        dict(momentum=0.0 if o.cumulative else o.momentum, eps=float(o.eps), slope=float(o.negative_slope),
+             rmax=float(rmax), dmax=float(dmax)),
+        cumulative == 1 or warmup)
+
+
+def _edges(plan: planner.Plan, view) -> tuple[bool, bool]:
+    """(EDGES, ONE_COLUMN) of the statistics kernel: whether some tile has rows outside the
+    plane, and whether one tile column spans every position (its lanes past S always off)."""
+    one_column = plan.block_s >= view.s
+    return bool(view.n % plan.block_n or (not one_column and view.s % plan.block_s)), one_column
+
+
+def _splits_p2(splits: int, plan: planner.Plan, o: Options) -> int:
+    """SPLITS_P2 of the apply kernel: the power of two that holds the partials it merges --
+    the splits themselves, one after a merge launch, the processes' when synchronized."""
+    if o.group is not None:
+        return planner.pow2(world_size(o.group))
+    return planner.pow2(splits) if splits * plan.block_c <= planner.MERGE_IN_APPLY else 1
+
+
+_FORWARD_STRIDES = ("x", "y", "r")      # the view's tensors: input, output, residual
+
+
+def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
+    x, residual = a.input, a.residual
+    save_mean, save_invstd, save_rd = saves
+    c = x.shape[1]
+    view, x, others = view_or_copy(x, [y, residual])
+    assert others[0] is y, "outputs are allocated in a format that always has a plane view"
+    res = others[1]
+    has_res = res is not None
+    plan = make_plan("fwd_train" if o.training else "fwd_eval", view, x,
+                     (x, y, res) if has_res else (x, y))
+    reads, writes = upd.reads, upd.writes
+    c_blocks = planner.cdiv(c, plan.block_c)
+    onepass = o.training and plan.variant == "onepass" and o.group is None
+    part = None
+    if not onepass:
+        # An empty batch in a synchronized step still finalizes the shared statistics (so
+        # every process updates its running statistics alike): one program and no tiles.
+        n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+        if o.training:
+            part = torch.empty((3, splits, c), dtype=save_mean.dtype, device=x.device)
+    spec = _forward_spec(plan, o, save_mean.dtype is torch.float64, a.weight is not None,
+                         a.bias is not None, has_res, reads["channel_batches"] is not None,
+                         a.overflow_count is not None,
+                         o.training and reads["running_mean"] is not None,
+                         1 if part is None else _splits_p2(part.shape[1], plan, o),
+                         *_edges(plan, view))
+    args = {
+        "X": x, "Y": y, "RES": res,
+        "RUN_MEAN": reads["running_mean"], "RUN_VAR": reads["running_var"],
+        "NEW_MEAN": writes["running_mean"], "NEW_VAR": writes["running_var"],
+        "BATCHES": a.batches if spec.reads_batches else None,
+        "CH_BATCHES": reads["channel_batches"], "NEW_CH_BATCHES": writes["channel_batches"],
+        "W": contiguous(a.weight), "B": contiguous(a.bias),
+        "SAVE_MEAN": save_mean, "SAVE_INVSTD": save_invstd, "SAVE_RD": save_rd,
+        "OVF_COUNT": writes["overflow_count"], "OVF_MAX": writes["overflow_max"],
+        "warmup_steps": o.warmup_steps,
+        **geometry(view, _FORWARD_STRIDES), **spec.floats}
+
+    if onepass:
+        run("bn_fwd_onepass_kernel", (c_blocks,), args, spec.onepass)
+        return
+    args.update(n_tiles_s=n_tiles_s, n_tiles=n_tiles, tiles_per_split=per_split)
+    if part is not None:
+        run("bn_stats_partial_kernel", (c_blocks, splits), {**args, "PART": part}, spec.stats)
+        if o.group is not None:
+            part = gather_moments(merge_partials(part, moments=True), o.group)
+        else:
+            part = merged(part, plan, moments=True)
+    args.update(PART=part, n_part_splits=0 if part is None else part.shape[1])
+    run("bn_fwd_apply_kernel", (c_blocks, splits), args, spec.apply)

@@ -1,0 +1,144 @@
+"""Running one kernel: its arguments bound by name, counted, or recorded instead.
+
+Every launcher names each runtime argument of a kernel by its parameter name (``X=x``,
+``stride_xn=...``); ``KernelSignature`` reads, once per kernel, the order its own signature
+declares them in -- pointers (upper-case names), integers, floats (annotated ``tl.float64``),
+then compile-time constants, which kernels/ keeps as a rule and this module checks -- and turns
+the names into the grouped tuples the direct launcher packs. No call site keeps positions.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import inspect
+import operator
+from typing import Mapping, Optional
+
+import torch
+import triton.language as tl
+
+from .. import _runtime, direct_launch
+from .. import plan as planner
+
+__all__ = ["LAUNCHES", "count_launches", "capture_launches", "LaunchArgs", "COMPILE_OPTIONS",
+           "KernelSignature", "signature", "run", "constants"]
+
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+@contextlib.contextmanager
+def count_launches():
+    """Yield a Counter of the kernel launches made inside the block (filled when it ends)."""
+    before = LAUNCHES.copy()
+    seen: collections.Counter = collections.Counter()
+    try:
+        yield seen
+    finally:
+        seen.update(LAUNCHES - before)
+
+
+_captured: list | None = None
+
+
+class LaunchArgs(tuple):
+    """A recorded launch's arguments in the kernel's parameter order; ``groups`` says how many
+    are pointers, integers and floats (the order every kernel declares them in)."""
+
+    def __new__(cls, tensors: tuple, ints: tuple, floats: tuple):
+        args = super().__new__(cls, (*tensors, *ints, *floats))
+        args.groups = (tensors, ints, floats)
+        return args
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record the launches the launchers would make instead of making them.
+
+    Yields a list of (kernel, grid, args, kwargs), args a LaunchArgs. Used by ``tritonbn tune
+    --model`` to find a model's shapes on the meta device, and by the tests and the compile
+    check to see exactly the specializations real calls produce.
+    """
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+# Compile options of every launch. Floating-point contraction stays on, as the kernels were
+# written and checked: x * gain + shift and the Welford updates become FMAs, one rounding instead
+# of two. Triton 3.9 warns that its default turns this off in 3.10; naming it keeps it.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+_KINDS = ("pointer", "int", "float", "constexpr")
+
+
+def _kind(p: inspect.Parameter) -> str:
+    if p.annotation is tl.constexpr:
+        return "constexpr"
+    if p.annotation is tl.float64 or p.annotation is tl.float32:
+        return "float"
+    return "pointer" if p.name[0].isupper() else "int"
+
+
+def _getter(names: tuple):
+    """names -> a function of a mapping returning their values as a tuple (C speed)."""
+    if not names:
+        return lambda _args: ()
+    if len(names) == 1:
+        name = names[0]
+        return lambda args: (args[name],)
+    return operator.itemgetter(*names)
+
+
+class KernelSignature:
+    """A kernel's runtime parameters by kind, in its own order, read from its signature."""
+
+    __slots__ = ("name", "pointers", "ints", "floats", "constexprs", "_take")
+
+    def __init__(self, fn):
+        params = list(inspect.signature(fn).parameters.values())
+        kinds = [_kind(p) for p in params]
+        if kinds != sorted(kinds, key=_KINDS.index):
+            raise TypeError(f"{fn.__name__}: parameters must come as pointers (upper-case), "
+                            f"integers, floats (tl.float64), then tl.constexpr: {kinds}")
+        self.name = fn.__name__
+        self.pointers, self.ints, self.floats, self.constexprs = (
+            tuple(p.name for p, k in zip(params, kinds) if k == kind) for kind in _KINDS)
+        self._take = tuple(_getter(g) for g in (self.pointers, self.ints, self.floats))
+
+    def bind(self, args: Mapping) -> tuple[tuple, tuple, tuple]:
+        """(pointers, ints, floats) from {parameter name: value}. Every runtime parameter must
+        be named (KeyError); other names are ignored, so launchers may hand several kernels
+        one mapping (a backward's geometry holds strides its partial kernel does not take)."""
+        take_p, take_i, take_f = self._take
+        return take_p(args), take_i(args), take_f(args)
+
+
+@functools.lru_cache(maxsize=None)
+def signature(name: str) -> KernelSignature:
+    """The signature of kernel ``name`` (the same for its compiled and interpreted forms)."""
+    return KernelSignature(getattr(_runtime.kernels_for(torch.device("meta")), name).fn)
+
+
+def run(name: str, grid: tuple, args: Mapping, consts: direct_launch.Constants) -> None:
+    """Launch (and count) kernel ``name`` with its runtime arguments by name -- compiled, or
+    interpreted for CPU tensors (its first pointer's device decides) -- or record the launch
+    while capture_launches is active."""
+    tensors, ints, floats = signature(name).bind(args)
+    kernel = getattr(_runtime.kernels_for(tensors[0].device), name)
+    if _captured is not None:
+        launch_kwargs = {k: v for k, v in consts.items() if k not in COMPILE_OPTIONS}
+        _captured.append((kernel, grid, LaunchArgs(tensors, ints, floats), launch_kwargs))
+        return
+    direct_launch.launch(kernel, grid, tensors, ints, floats, consts)
+    LAUNCHES[name] += 1
+
+
+@functools.lru_cache(maxsize=4096)
+def constants(plan: Optional[planner.Plan], **constexprs) -> direct_launch.Constants:
+    """A launch's compile-time constants and options, made once per (plan, constants)."""
+    return direct_launch.Constants({**(plan.constants if plan is not None else {}),
+                                    **constexprs, **COMPILE_OPTIONS})

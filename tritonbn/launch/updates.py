@@ -1,0 +1,90 @@
+"""The tensors a batch norm updates -- running statistics, batch counters, overflow counters --
+and how the kernels read them, write them, and hand them back.
+
+Eager calls update them in place (``in_place=True``); the custom op (``in_place=False``)
+returns their new values as ``new_<name>`` outputs, which its callers copy back.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..options import UPDATED, ForwardArgs, Options
+
+__all__ = ["UPDATES", "Updated", "Updates"]
+
+# Which of the tensors the op may update it updates, given the options: the launchers, the
+# custom op's fake kernel and its callers all read this one table.
+UPDATES = {
+    "running_mean": lambda o: o.training,
+    "running_var": lambda o: o.training,
+    "channel_batches": lambda o: o.training and o.cumulative,
+    "overflow_count": lambda o: True,       # accumulated in eval too
+    "overflow_max": lambda o: True,
+}
+assert set(UPDATES) == set(UPDATED)
+
+
+class Updated:
+    """How the kernels read and write one tensor the op updates, and how it gets back.
+
+    ``read``: flat values before the call (a view of the caller's tensor, or a copy when its
+    strides have no flat view). ``write``: where the kernels put the new values -- ``read``
+    itself when they may update in place, else a new tensor (a copy of ``read`` for counters
+    that accumulate). In place, a new tensor is copied into the caller's afterwards (strided or
+    reshaped statistics, renorm); otherwise it is the op's ``new_<name>`` output.
+    """
+
+    __slots__ = ("given", "in_place", "read", "write")
+
+    def __init__(self, given: torch.Tensor, updates: bool, in_place: bool,
+                 accumulates: bool = False, separate: bool = False):
+        self.given, self.in_place = given, in_place
+        contiguous = given.is_contiguous()
+        self.read = given if contiguous and given.dim() == 1 else given.contiguous().view(-1)
+        if not updates:
+            self.write = None
+        elif in_place and contiguous and not separate:
+            self.write = self.read          # the caller's own memory
+        elif accumulates:
+            self.write = self.read.clone()
+        else:
+            self.write = torch.empty_like(self.read)
+
+    def unchanged(self) -> None:
+        """The kernels did not run (an empty batch): the new values are the old ones."""
+        if self.write is not None and self.write is not self.read:
+            self.write.copy_(self.read)
+
+    def finish(self) -> Optional[torch.Tensor]:
+        """In place: write back when needed, return None. Else the ``new_<name>`` output, None
+        when the op does not update this argument."""
+        if not self.in_place:
+            return self.write
+        if self.write is not None and self.write is not self.read:
+            with torch.no_grad():
+                self.given.copy_(self.write.view(self.given.shape))
+        return None
+
+
+class Updates:
+    """The Updated of each tensor of a call, by name (None for absent ones), and their
+    ``reads`` / ``writes`` by name (None for absent ones) as the kernels take them."""
+
+    __slots__ = ("items", "reads", "writes")
+
+    def __init__(self, a: ForwardArgs, o: Options, in_place: bool):
+        # Renorm reads the running statistics of before this step in every program while the
+        # first program of each channel block writes the new ones: never the same memory.
+        separate = o.renorming
+        self.items = {
+            name: None if (given := getattr(a, name)) is None else Updated(
+                given, UPDATES[name](o), in_place, name.startswith("overflow"), separate)
+            for name in UPDATED}
+        self.reads = {name: None if u is None else u.read for name, u in self.items.items()}
+        self.writes = {name: None if u is None else u.write for name, u in self.items.items()}
+
+    def finish(self) -> tuple:
+        """The ``new_<name>`` outputs, in UPDATED order (all None in place)."""
+        return tuple(None if (u := self.items[name]) is None else u.finish() for name in UPDATED)
