@@ -78,7 +78,7 @@ EPILOGUES = {
     "gelu+renorm": Options(activation="gelu", renorm=(3.0, 5.0)),
     # overflow guards: saturating stores, fused counters (atomics), skipped non-finite channels
     # counted per channel (momentum=None)
-    "guards": Options(saturate=True, skip_nonfinite=True, cumulative=True),
+    "guards": Options(momentum=None, saturate=True, skip_nonfinite=True),
 }
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import ops
 from .options import MODES, ForwardArgs, Options
-from .validate import check_options, check_scalars, check_tensors
+from .validate import check_options, check_scalars, check_tensors, float_momentum
 
 __all__ = ["batch_norm", "batch_renorm", "sync_batch_norm", "run", "options"]
 
@@ -34,26 +34,28 @@ def _cached_options(*fields) -> Options:
 _by_arguments: dict = {}
 
 
-def options(training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+def options(training: bool = False, momentum: Optional[float] = 0.1, eps: float = 1e-5,
             activation: Optional[str] = None, negative_slope: float = 0.01,
             renorm: Optional[tuple[float, float]] = None, warmup_steps: int = 0,
             overflow: str = "propagate", nonfinite_stats: str = "propagate",
-            cumulative: bool = False, group: Optional[str] = None) -> Options:
+            group: Optional[str] = None) -> Options:
     """The checked Options of one call, from the public argument names and types (checked
-    here, before they become canonical Python values)."""
+    here, before they become canonical Python values). ``momentum=None``: the cumulative
+    average."""
     args = (training, momentum, eps, activation, negative_slope, renorm, warmup_steps, overflow,
-            nonfinite_stats, cumulative, group)
-    exact = type(momentum) is float and type(eps) is float and type(negative_slope) is float
+            nonfinite_stats, group)
+    exact = (momentum is None or type(momentum) is float) and type(eps) is float \
+        and type(negative_slope) is float
     if exact and not torch.compiler.is_compiling():
         found = _by_arguments.get(args)
         if found is not None and type(found.training) is type(training):
             return found
     check_scalars(training, momentum, eps, activation, negative_slope, overflow,
                   nonfinite_stats)
-    fields = (training, float(momentum), float(eps), activation or None, float(negative_slope),
+    fields = (training, None if momentum is None else float(momentum), float(eps),
+              activation or None, float(negative_slope),
               None if renorm is None else (float(renorm[0]), float(renorm[1])),
-              int(warmup_steps), overflow == "saturate", nonfinite_stats == "skip",
-              bool(cumulative), group)
+              int(warmup_steps), overflow == "saturate", nonfinite_stats == "skip", group)
     if torch.compiler.is_compiling():  # Dynamo folds it; the cache would only warn
         o = Options(*fields)
         check_options(o)
@@ -166,8 +168,9 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
         # raises its own exception, or returns an empty tensor for an empty 1-D input.
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
                             eps)
+    momentum = None if running_count is not None else float_momentum(momentum)
     o = options(training, momentum, eps, activation, negative_slope, overflow=overflow,
-                nonfinite_stats=nonfinite_stats, cumulative=running_count is not None)
+                nonfinite_stats=nonfinite_stats)
     return run(input, o, running_mean, running_var, weight, bias, residual,
                channel_batches=running_count, overflow_stats=overflow_stats,
                per_activation=_mode(mode))
@@ -192,7 +195,8 @@ def batch_renorm(input: Tensor, running_mean: Tensor, running_var: Tensor,
     running statistics follow torch's batch norm (momentum, unbiased variance). rmax=1, dmax=0
     is plain batch norm.
     """
-    o = options(training, momentum, eps, activation, negative_slope, renorm=(rmax, dmax))
+    o = options(training, float_momentum(momentum), eps, activation, negative_slope,
+                renorm=(rmax, dmax))
     return run(input, o, running_mean, running_var, weight, bias, residual)
 
 
@@ -203,7 +207,8 @@ def sync_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: 
     """Training-mode batch norm with statistics over the batches of every process in
     ``process_group`` (default: the world): one all_gather of per-channel (count, mean, M2)
     forward, one all_reduce of per-channel sums backward."""
-    o = options(True, momentum, eps, activation, negative_slope, group=group_name(process_group))
+    o = options(True, float_momentum(momentum), eps, activation, negative_slope,
+                group=group_name(process_group))
     return run(input, o, running_mean, running_var, weight, bias, residual)
 
 

@@ -38,7 +38,9 @@ class Options:
     """The non-tensor arguments of one batch-norm call."""
 
     training: bool = False          # batch statistics normalize (else the running statistics)
-    momentum: float = 0.1           # weight of this batch in the running statistics
+    # weight of this batch in the running statistics; None: the cumulative average, weight
+    # 1 / (batches + 1) from the batch counter (per channel when given one)
+    momentum: float | None = 0.1
     eps: float = 1e-5               # added to the variance
     activation: str | None = None   # applied last (tritonbn.activations)
     negative_slope: float = 0.01    # leaky_relu's slope
@@ -46,13 +48,17 @@ class Options:
     warmup_steps: int = 0           # renorm: r = 1, d = 0 while the batch counter is below this
     saturate: bool = False          # overflow="saturate": finite results beyond the dtype -> +-max
     skip_nonfinite: bool = False    # nonfinite_stats="skip": keep a channel's running stats
-    cumulative: bool = False        # momentum=None: weight 1 / (batches + 1) from the counters
     group: str | None = None        # synchronized statistics over this process group (its name)
 
     @property
     def act_code(self) -> int:
         act = get_activation(self.activation)
         return 0 if act is None else act.code
+
+    @property
+    def cumulative(self) -> bool:
+        """momentum=None: the running statistics are the average of every batch so far."""
+        return self.momentum is None
 
     @property
     def renorming(self) -> bool:

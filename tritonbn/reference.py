@@ -211,9 +211,9 @@ def batch_norm_reference(input, running_mean, running_var, weight=None, bias=Non
     (``running_count``: per-channel weights 1 / (count + 1), incremented). ``renorm=(rmax,
     dmax)``: Batch Renormalization against the running statistics of before the update.
     """
-    o = Options(training=training, momentum=momentum, eps=eps, activation=activation,
-                negative_slope=slope, renorm=renorm, saturate=saturate,
-                skip_nonfinite=skip_nonfinite, cumulative=running_count is not None)
+    o = Options(training=training, momentum=None if running_count is not None else momentum,
+                eps=eps, activation=activation, negative_slope=slope, renorm=renorm,
+                saturate=saturate, skip_nonfinite=skip_nonfinite)
     a = ForwardArgs(input, weight, bias, residual, running_mean, running_var,
                     channel_batches=running_count)
     flat = [None if t is None else t.detach().reshape(-1) for t in (running_mean, running_var)]

@@ -17,7 +17,16 @@ import torch
 from . import activations
 from .options import NONFINITE_POLICIES, OVERFLOW_POLICIES, Options
 
-__all__ = ["check_scalars", "check_options", "check_tensors"]
+__all__ = ["check_scalars", "check_options", "check_tensors", "float_momentum"]
+
+
+def float_momentum(momentum):
+    """The functional ops take a momentum value: None (the cumulative average) is a module
+    option, or batch_norm's with ``running_count``."""
+    if momentum is None:
+        raise TypeError("batch_norm: momentum must be a float, got NoneType (momentum=None, "
+                        "the cumulative average, is a module option)")
+    return momentum
 
 
 def _is_real(v, allow_bool: bool = False) -> bool:
@@ -32,9 +41,8 @@ def check_scalars(training, momentum, eps, activation, negative_slope, overflow,
                   nonfinite_stats) -> None:
     if not isinstance(training, bool):
         raise TypeError(f"batch_norm: training must be a bool, got {type(training).__name__}")
-    if not _is_real(momentum, allow_bool=True):
-        raise TypeError(f"batch_norm: momentum must be a float, got {type(momentum).__name__} "
-                        "(momentum=None, the cumulative average, is a module option)")
+    if momentum is not None and not _is_real(momentum, allow_bool=True):
+        raise TypeError(f"batch_norm: momentum must be a float, got {type(momentum).__name__}")
     if not _is_real(eps):
         raise TypeError(f"batch_norm: eps must be a float, got {type(eps).__name__}")
     activations.get(activation)  # ValueError naming the known ones

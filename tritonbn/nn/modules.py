@@ -78,10 +78,9 @@ class TritonNorm:
         momentum = self.momentum
         use_batch_stats = self._uses_batch_statistics(running_mean, running_var)
         o = functional.options(
-            use_batch_stats, 0.0 if momentum is None else momentum, self.eps,
-            self.activation if activation else None, self.negative_slope, self.renorm,
-            self.warmup_steps, self.overflow, self.nonfinite_stats, cumulative=momentum is None,
-            group=self._process_group() if training else None)
+            use_batch_stats, momentum, self.eps, self.activation if activation else None,
+            self.negative_slope, self.renorm, self.warmup_steps, self.overflow,
+            self.nonfinite_stats, group=self._process_group() if training else None)
         # Running buffers go to the op when it updates them (training with tracking) or reads
         # them (running statistics normalize); a module whose track_running_stats was switched
         # off keeps its buffers.
