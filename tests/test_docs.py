@@ -149,3 +149,30 @@ def test_the_checker_finds_links_and_anchors():
     assert _broken("docs/development.md", "../README.md") is None
     assert _broken("README.md", "https://example.com/missing") is None
     assert _broken("README.md", "/etc/passwd") is not None
+
+
+def _design_tree() -> set[str]:
+    """The files docs/design.md's layout tree names under kernels/ and tritonbn/ (an entry
+    "a.py, b.py   text" names several)."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    block = text[text.index("```\nkernels/"):]
+    block = block[4:block.index("```", 4)]
+    named, stack = set(), []
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent = (len(line) - len(line.lstrip())) // 2
+        entry = line.strip().split("   ")[0].split("  ")[0]
+        names = [n.strip() for n in entry.split(",")] if "," in entry else [entry.split()[0]]
+        if names[0].endswith("/"):
+            stack = stack[:indent] + [names[0]]
+            continue
+        stack = stack[:indent]
+        named.update("".join(stack) + n for n in names)
+    return {n for n in named if n.startswith(("kernels/", "tritonbn/"))}
+
+
+def test_design_tree_names_every_file_of_the_package():
+    files = subprocess.run(["git", "ls-files", "tritonbn", "kernels"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert _design_tree() == set(files)
