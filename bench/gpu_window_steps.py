@@ -774,7 +774,7 @@ def step_memcheck_kernels(ctx: Ctx) -> None:
 
 def _bench_loop(ctx: Ctx, runs: list, impls: list, ops) -> None:
     """runs: [(shape, layouts, dtypes)]; one run_bench call each, the rows kept after each."""
-    from tritonbn.tools import bench, report
+    from tritonbn.tools import bench, bench_report as report
     from tritonbn.tools.shapes import smoke_shape
     from tritonbn.tools.timing import make_timer, smoke_mode
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch._prims_common import suggest_memory_format
 
-from ._frozen import cached_hash
+from ._hashing import cached_hash
 
 __all__ = ["PlaneView", "plane_view", "output_memory_format", "empty_output", "max_offset"]
 

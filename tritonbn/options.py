@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ._frozen import cached_hash
+from ._hashing import cached_hash
 from .activations import get as get_activation
 
 __all__ = ["Options", "TensorArg", "FORWARD_ARGS", "BACKWARD_ARGS", "ForwardArgs",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tuning_table
-from ._frozen import cached_hash
+from ._hashing import cached_hash
 from ._runtime import cuda_interpreted
 from .options import OPS
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tritonbn import launch
-from tritonbn.tools import bench, cli, peers, report
+from tritonbn.tools import bench, cli, peers
+from tritonbn.tools import bench_report as report
 from tritonbn.tools.timing import SMOKE_LABEL, smoke_mode
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

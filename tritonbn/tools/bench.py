@@ -3,7 +3,7 @@ any other implementation found installed, for training forward, eval forward, ba
 BN+ReLU (forward and backward), NCHW and NHWC, float16/bfloat16/float32, over the project's
 shape set (tritonbn/tools/shapes.py). Reports time, effective GB/s under the byte model of
 docs/design.md, the percentage of a device copy of the same bytes measured in the same run, and
-tritonbn's speedup over each peer; writes JSON, CSV, a markdown table and a PNG (tritonbn/tools/report.py).
+tritonbn's speedup over each peer; writes JSON, CSV, a markdown table and a PNG (tritonbn/tools/bench_report.py).
 
 Without a GPU it runs in smoke mode: tiny shapes through the Triton interpreter, every output
 labelled SMOKE MODE -- the timings mean nothing; the machinery is what is checked.
@@ -222,7 +222,7 @@ def _items(text: str, allowed) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from . import report
+    from . import bench_report as report
     from .progress import Progress
 
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -100,7 +100,7 @@ def _bn_kind(m: nn.Module):
     """None when ``m`` is no batch norm fold knows; else the FoldedEpilogue to leave in its
     place (None as the second item: nothing follows the batch norm in the layer)."""
     from ..nn import FrozenBatchNorm2d, TritonNorm
-    from .fused import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
+    from .fused_modules import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
                         FusedFrozenBatchNorm2d, FusedSyncBatchNorm)
     from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                       BatchNormAct3d, SyncBatchNorm)

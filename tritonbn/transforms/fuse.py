@@ -35,9 +35,9 @@ from torch import fx, nn
 
 from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                   BatchNormAct3d, FrozenBatchNorm2d, SyncBatchNorm)
-from .. import activations  # noqa: F401 - the fused modules' unfused fallback (fused.py)
+from .. import activations  # noqa: F401 - the fused modules' unfused fallback (fused_modules.py)
 from .convert import convert
-from .fused import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
+from .fused_modules import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
                     FusedFrozenBatchNorm2d, FusedSyncBatchNorm)
 from .kinds import activation_of, has_hooks, is_drop, is_noop, qualname
 from .report import TransformReport, class_name, is_batch_norm_like, warn_left_on_torch

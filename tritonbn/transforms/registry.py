@@ -16,7 +16,7 @@ Built in:
   SiLU, GELU, Hardswish, Sigmoid, Tanh, Identity, and timm's own GELU / Sigmoid / Tanh / Swish /
   HardSwish); otherwise -> ``FusedBatchNormAct2d`` / ``FusedSyncBatchNorm`` /
   ``FusedFrozenBatchNorm2d`` holding the same ``drop`` (and unfusable ``act``) module, which
-  torch runs in between (see tritonbn/transforms/fused.py). timm's forward is torch's batch norm
+  torch runs in between (see tritonbn/transforms/fused_modules.py). timm's forward is torch's batch norm
   followed by drop and act, so the converted layer computes the same in train and eval mode.
 
 Classes of torchvision and timm are matched by name (``module.QualName``): nothing here imports
@@ -40,7 +40,7 @@ from torch import nn
 
 from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d, FrozenBatchNorm2d,
                   SyncBatchNorm)
-from .fused import FusedBatchNormAct2d, FusedFrozenBatchNorm2d, FusedSyncBatchNorm
+from .fused_modules import FusedBatchNormAct2d, FusedFrozenBatchNorm2d, FusedSyncBatchNorm
 from .kinds import activation_of, has_hooks, qualname
 
 __all__ = ["register_conversion", "unregister_conversion", "NotConvertible", "Conversion",
