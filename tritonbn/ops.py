@@ -215,33 +215,36 @@ def _needs_grad(a: ForwardArgs) -> bool:
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """Autograd for the op: forward(options, *FORWARD_ARGS) -> (y, save_mean, save_invstd,
-    save_rd, *new values); only y is differentiable.
+    """Autograd for the op: forward(options, *FORWARD_ARGS) -> (y, *new values); only y is
+    differentiable.
 
     Plain eager calls run the launchers directly, which update the tensors in place: the new
     values are None. Under tracers the forward is the custom op, whose ``new_`` outputs
     ``batch_norm_op`` copies back. The arity is the same either way (a torch.jit trace replays
-    the Function eagerly)."""
+    the Function eagerly). The forward takes ``ctx`` (the classic form): autograd then binds
+    its arguments without ``inspect.signature``, which costs the form with ``setup_context``
+    about 15 us per call."""
 
     @staticmethod
-    def forward(o: Options, *tensors):
-        return _run_forward(o, ForwardArgs(*tensors))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        o, a = inputs[0], ForwardArgs(*inputs[1:])
-        _save(ctx, o, a, output)
-        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+    def forward(ctx, o: Options, *tensors):
+        a = ForwardArgs(*tensors)
+        out = _run_forward(o, a)
+        _save(ctx, o, a, out)
+        if out[4] is not None:
+            ctx.mark_non_differentiable(*out[4:])
+        return (out[0], *out[4:])
 
     @staticmethod
     def backward(ctx, grad_y, *_grads_of_the_rest):
         return _backward(ctx, grad_y)
 
 
-class ForwardModeFunction(BatchNormFunction):
-    """BatchNormFunction with forward-mode AD (``torch.func.jvp`` / ``jacfwd``,
-    ``torch.autograd.forward_ad`` dual tensors); used only while forward-mode AD or a functorch
-    transform is active, so that compiled graphs keep the plain Function."""
+class ForwardModeFunction(torch.autograd.Function):
+    """The same autograd with forward-mode AD (``torch.func.jvp`` / ``jacfwd``,
+    ``torch.autograd.forward_ad`` dual tensors), in the form functorch transforms need
+    (``setup_context``); used only while forward-mode AD or a functorch transform is active, so
+    eager and compiled calls keep the plain Function. forward(options, *FORWARD_ARGS) ->
+    (y, save_mean, save_invstd, save_rd, *new values)."""
 
     generate_vmap_rule = True       # jacfwd vmaps the jvp over basis tangents
 
@@ -257,8 +260,14 @@ class ForwardModeFunction(BatchNormFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        BatchNormFunction.setup_context(ctx, inputs, output)
-        ctx.save_for_forward(*_saved_for(inputs[0], ForwardArgs(*inputs[1:]), output))
+        o, a = inputs[0], ForwardArgs(*inputs[1:])
+        _save(ctx, o, a, output)
+        ctx.save_for_forward(*_saved_for(o, a, output))
+        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+
+    @staticmethod
+    def backward(ctx, grad_y, *_grads_of_the_rest):
+        return _backward(ctx, grad_y)
 
     @staticmethod
     def jvp(ctx, _options_tangent, *tangents):
@@ -321,11 +330,14 @@ def batch_norm_op(o: Options, a: ForwardArgs) -> Tensor:
     updates hold their new values afterwards, whichever path ran."""
     if _forward_mode():
         out = ForwardModeFunction.apply(o, *a)
+        new = out[4:]
     elif _needs_grad(a):
         out = BatchNormFunction.apply(o, *a)
+        new = out[1:]
     else:
         out = _run_forward(o, a)
-    _copy_back(o, a, out[4:])
+        new = out[4:]
+    _copy_back(o, a, new)
     return out[0]
 
 

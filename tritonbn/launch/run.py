@@ -117,10 +117,16 @@ class KernelSignature:
         return take_p(args), take_i(args), take_f(args)
 
 
-@functools.lru_cache(maxsize=None)
+_signatures: dict[str, KernelSignature] = {}
+
+
 def signature(name: str) -> KernelSignature:
     """The signature of kernel ``name`` (the same for its compiled and interpreted forms)."""
-    return KernelSignature(getattr(_runtime.kernels_for(torch.device("meta")), name).fn)
+    found = _signatures.get(name)
+    if found is None:
+        found = _signatures[name] = KernelSignature(
+            getattr(_runtime.kernels_for(torch.device("meta")), name).fn)
+    return found
 
 
 def run(name: str, grid: tuple, args: Mapping, consts: direct_launch.Constants) -> None:

@@ -78,12 +78,15 @@ class Updates:
         # Renorm reads the running statistics of before this step in every program while the
         # first program of each channel block writes the new ones: never the same memory.
         separate = o.renorming
-        self.items = {
-            name: None if (given := getattr(a, name)) is None else Updated(
-                given, UPDATES[name](o), in_place, name.startswith("overflow"), separate)
-            for name in UPDATED}
-        self.reads = {name: None if u is None else u.read for name, u in self.items.items()}
-        self.writes = {name: None if u is None else u.write for name, u in self.items.items()}
+        self.items, self.reads, self.writes = items, reads, writes = {}, {}, {}
+        for name in UPDATED:
+            given = getattr(a, name)
+            if given is None:
+                items[name] = reads[name] = writes[name] = None
+            else:
+                u = items[name] = Updated(given, UPDATES[name](o), in_place,
+                                          name.startswith("overflow"), separate)
+                reads[name], writes[name] = u.read, u.write
 
     def finish(self) -> tuple:
         """The ``new_<name>`` outputs, in UPDATED order (all None in place)."""

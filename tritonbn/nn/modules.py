@@ -65,8 +65,8 @@ class TritonNorm:
         return input
 
     def _run(self, input: Tensor, residual: Optional[Tensor] = None,
-             activation: bool = True) -> Tensor:
-        """torch's _BatchNorm.forward with tritonbn's op; ``activation=False`` leaves the
+             with_activation: bool = True) -> Tensor:
+        """torch's _BatchNorm.forward with tritonbn's op; ``with_activation=False`` leaves the
         layer's activation out (the caller applies it)."""
         self._check_input_dim(input)
         input = self._prepare_input(input)
@@ -78,7 +78,7 @@ class TritonNorm:
         momentum = self.momentum
         use_batch_stats = self._uses_batch_statistics(running_mean, running_var)
         o = functional.options(
-            use_batch_stats, momentum, self.eps, self.activation if activation else None,
+            use_batch_stats, momentum, self.eps, self.activation if with_activation else None,
             self.negative_slope, self.renorm, self.warmup_steps, self.overflow,
             self.nonfinite_stats, group=self._process_group() if training else None)
         # Running buffers go to the op when it updates them (training with tracking) or reads

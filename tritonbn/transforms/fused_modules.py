@@ -51,7 +51,7 @@ class _FusedMixin:
         if not dropping and (residual is None or fits(input, residual)):
             z = self._run(input, residual)                 # BN [+ residual] [-> activation]
             return z if post is None else post(z)
-        z = self._run(input, activation=False)
+        z = self._run(input, with_activation=False)
         if dropping:
             z = drop(z)
         if residual is not None:
