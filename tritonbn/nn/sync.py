@@ -1,7 +1,7 @@
 """Synchronized batch norm across processes on torch.distributed (NCCL on GPUs, gloo on CPUs).
 
 The layer is tritonbn's batch norm with one more option, the process group, which the launchers
-use between their usual steps (tritonbn/launch.py): forward, each process reduces its batch to
+use between their usual steps (tritonbn/launch/): forward, each process reduces its batch to
 one float32 (count, mean, M2) summary per channel, one all_gather exchanges them, and every
 process merges all of them in rank order inside the normalize kernel -- so all processes
 normalize with, and update their running statistics from, bit-identical global statistics.
