@@ -21,6 +21,7 @@ import contextlib
 import importlib.util
 import os
 import sys
+import threading
 import types
 import warnings
 
@@ -162,6 +163,7 @@ def _library_interpreted():
 
 
 _library: dict = {}     # a library function's Python function -> its InterpretedFunction
+_one_at_a_time = threading.Lock()
 
 
 class _InterpretedKernel:
@@ -174,7 +176,9 @@ class _InterpretedKernel:
         run = self.kernel[grid]
 
         def launch(*args, **kwargs):
-            with _library_interpreted():
+            # one interpreted launch at a time: the swap of JITFunction.__call__ is
+            # process-wide, so two threads must not interleave their swaps and restores
+            with _one_at_a_time, _library_interpreted():
                 return run(*args, **kwargs)
         return launch
 

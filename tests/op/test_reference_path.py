@@ -87,3 +87,36 @@ def test_an_unknown_cpu_choice_is_an_error():
     out = subprocess.run([sys.executable, "-c", "import tritonbn"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "TRITONBN_CPU must be 'kernels' or 'reference'" in out.stderr
+
+
+def test_threads_running_cpu_kernels_leave_triton_as_it_was():
+    """Interpreted launches swap JITFunction.__call__ for their duration; launches from two
+    threads at once still compute right and leave Triton's own method in place."""
+    import threading
+
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    import tritonbn
+
+    original = JITFunction.__call__
+    errors = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(3):
+                x = torch.randn(4, 3, 5, generator=g)
+                y = tritonbn.batch_norm(x, None, None, training=True)
+                torch.testing.assert_close(
+                    y, torch.nn.functional.batch_norm(x, None, None, training=True))
+        except Exception as e:  # reported below, with the thread's failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert JITFunction.__call__ is original
