@@ -313,10 +313,10 @@ def step_env(ctx: Ctx) -> None:
                           # the performance model assumes 60 MB on an H200: confirm it here
                           "l2_bytes": getattr(props, "L2_cache_size", None)}
         s["gpu_count"] = torch.cuda.device_count()
-    from tritonbn._runtime import interpreter_enabled
+    from tritonbn._runtime import cpu_runs_kernels
     # the kernels the steps run: compiled on a GPU, else Triton's interpreter on CPU tensors
     # (unless CPU tensors were sent to the float64 reference path)
-    s["interpreter"] = not s["gpu"] and interpreter_enabled()
+    s["interpreter"] = not s["gpu"] and cpu_runs_kernels()
     ctx.save("ok")
 
 

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 __all__ = ["ReferencePathWarning", "kernels_for", "uses_reference", "warn_reference_path",
-           "interpreter_enabled", "cuda_interpreted", "CPU_ENV"]
+           "cpu_runs_kernels", "cuda_interpreted", "CPU_ENV"]
 
 CPU_ENV = "TRITONBN_CPU"            # "kernels" (the default) or "reference"
 _KERNELS = __package__ + ".kernels"
@@ -91,7 +91,7 @@ def cuda_interpreted() -> bool:
     return not hasattr(_compiled.bn_fwd_apply_kernel, "device_caches")
 
 
-def interpreter_enabled() -> bool:
+def cpu_runs_kernels() -> bool:
     """Whether CPU tensors run tritonbn's kernels (in Triton's interpreter); False when they take
     the float64 reference path."""
     return not _REFERENCE

@@ -16,7 +16,6 @@ from dataclasses import replace
 
 import torch
 from torch import Tensor
-
 from torch.autograd import forward_ad
 from torch.autograd.graph import increment_version
 

@@ -128,7 +128,8 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
     part, total = None, float(view.n * view.s)
     if need_sums:
         part = torch.empty((2, splits, c), dtype=a.save_mean.dtype, device=x.device)
-        run("bn_bwd_partial_kernel", (c_blocks, splits), {**args, "PART": part}, spec.partial)
+        args["PART"] = part             # the partial kernel writes it; apply reads it below
+        run("bn_bwd_partial_kernel", (c_blocks, splits), args, spec.partial)
     if synchronized:
         local = merge_partials(part, moments=False)           # this process's own sums
         db.copy_(local[0])

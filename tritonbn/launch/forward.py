@@ -179,7 +179,8 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
         return
     args.update(n_tiles_s=n_tiles_s, n_tiles=n_tiles, tiles_per_split=per_split)
     if part is not None:
-        run("bn_stats_partial_kernel", (c_blocks, splits), {**args, "PART": part}, spec.stats)
+        args["PART"] = part             # the statistics kernel writes it; apply reads it below
+        run("bn_stats_partial_kernel", (c_blocks, splits), args, spec.stats)
         if o.group is not None:
             part = gather_moments(merge_partials(part, moments=True), o.group)
         else:

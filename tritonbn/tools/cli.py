@@ -26,12 +26,12 @@ def _make(shape, dtype, layout, device, seed):
 def demo(args) -> int:
     import tritonbn
     from tritonbn import plan as planner
-    from tritonbn._runtime import interpreter_enabled
+    from tritonbn._runtime import cpu_runs_kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         where = torch.cuda.get_device_name()
-    elif interpreter_enabled():
+    elif cpu_runs_kernels():
         where = "CPU, Triton interpreter"
     else:
         where = ("CPU, float64 reference path (TRITONBN_CPU=reference or TRITON_INTERPRET=0 is "
@@ -80,7 +80,7 @@ def demo(args) -> int:
                   f"max err / dtype tolerance = {rel:5.2f}   kernels: {kernels}")
             if not launches:
                 print("  no Triton kernel ran" + (": this is a bug" if device == "cuda"
-                                                  or interpreter_enabled() else ""))
+                                                  or cpu_runs_kernels() else ""))
                 return 1
     mode = planner.device_info(torch.device(device)).name
     # within 10x the dtype's tolerance on every case (seen: below 1x)
@@ -123,7 +123,7 @@ def _dtype_line(dtype_name: str, elem_bytes: int) -> str:
 
 def info(args, parser) -> int:
     from tritonbn import launch, plan as planner
-    from tritonbn._runtime import interpreter_enabled
+    from tritonbn._runtime import cpu_runs_kernels
 
     try:
         shape = parse_shape(args.shape)
@@ -137,7 +137,7 @@ def info(args, parser) -> int:
     where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = planner.device_info(where)
     print(f"device: {device.name} ({device.sm_count} SMs)")
-    if not torch.cuda.is_available() and not interpreter_enabled():
+    if not torch.cuda.is_available() and not cpu_runs_kernels():
         print("note: CPU tensors take the float64 reference path here (TRITONBN_CPU=reference "
               "or TRITON_INTERPRET=0 is set) and launch no kernel; the plans below are what "
               "Triton's interpreter runs without it")

@@ -248,10 +248,10 @@ def profile(dtypes=("float16", "bfloat16", "float32"), amplitudes=AMPLITUDES,
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    from .._runtime import interpreter_enabled
+    from .._runtime import cpu_runs_kernels
     # without the interpreter CPU tensors take the float64 reference path: say so, the rows
     # then measure the reference against itself
-    return ("CPU, Triton interpreter" if interpreter_enabled()
+    return ("CPU, Triton interpreter" if cpu_runs_kernels()
             else "CPU, float64 reference path (Triton interpreter off)")
 
 

@@ -107,8 +107,8 @@ def make_timer(warmup_ms: float = 25.0, rep_ms: float = 100.0, smoke_reps: int =
 def require_kernels_runnable() -> None:
     """Tune and bench launch the Triton kernels; on CPU tensors they run in Triton's
     interpreter, unless the float64 reference path was chosen."""
-    from .._runtime import interpreter_enabled
-    if run_device() == "cpu" and not interpreter_enabled():
+    from .._runtime import cpu_runs_kernels
+    if run_device() == "cpu" and not cpu_runs_kernels():
         raise RuntimeError("no GPU, and CPU tensors take the float64 reference path "
                            "(TRITONBN_CPU=reference or TRITON_INTERPRET=0): unset it to run the "
                            "kernels in Triton's interpreter")
