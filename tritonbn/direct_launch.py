@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 
 
-__all__ = ["launch", "Constants"]
+__all__ = ["launch", "scalar_key", "Constants"]
 
 _NOT_SUPPORTED = object()
 
@@ -88,16 +88,24 @@ def _tensor_codes(tensors: tuple) -> tuple:
     return tuple(codes)
 
 
+def scalar_key(ints: tuple, constants: Constants) -> tuple:
+    """The part of a launch's cache key its integers and constants make: callers that launch
+    with the same ones again keep it and pass it to ``launch``."""
+    return _int_codes(ints), constants.key
+
+
 def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
-           constants: Constants) -> None:
+           constants: Constants, scalars: tuple | None = None) -> None:
     """Launch ``kernel[grid](*tensors, *ints, *floats, **constants)`` -- directly when this
-    specialization has been launched before."""
+    specialization has been launched before. ``scalars``: ``scalar_key(ints, constants)``,
+    when the caller kept it."""
     if _knobs is None or not hasattr(kernel, "device_caches") \
             or not (_quiet(_knobs.launch_enter_hook) and _quiet(_knobs.launch_exit_hook)):
         kernel[grid](*tensors, *ints, *floats, **constants)
         return
     device = _driver.active.get_current_device()
-    key = (device, _tensor_codes(tensors), _int_codes(ints), constants.key)
+    key = (device, _tensor_codes(tensors),
+           scalars if scalars is not None else scalar_key(ints, constants))
     entries = _cache.setdefault(kernel, {})
     entry = entries.get(key)
     if entry is None or entry is _NOT_SUPPORTED:

@@ -10,7 +10,7 @@ grad_bias and computes grad_input.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -19,9 +19,10 @@ from .. import plan as planner
 from .._runtime import uses_reference, warn_reference_path
 from ..layout import empty_output
 from ..options import BackwardArgs, Options
-from .merge import merge_partials, merged, sums_over_processes
+from . import run
+from .merge import merge_partials, sums_over_processes
 from .planning import contiguous, geometry, plan as make_plan, tl_acc, view_or_copy
-from .run import constants, run
+from .run import constants
 
 __all__ = ["backward"]
 
@@ -89,61 +90,110 @@ def _backward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has
 _BACKWARD_STRIDES = ("x", "dy", "dx", "r", "dr")   # input, its gradient in and out, residual's
 
 
+class _BackwardCall(NamedTuple):
+    """A backward's launches for one kind of call: everything but its tensors (``_calls``)."""
+    copies: bool                         # x, dy or the residual has no plane view: copies
+    onepass: Optional[run.Launch]        # the one launch of a one-pass plan, or None:
+    partial: Optional[run.Launch]        # the sums' launch (training, or parameter grads)
+    part_shape: tuple                    # (2, splits, C): its partials
+    merge: bool                          # merged in a launch of their own before apply
+    apply: Optional[run.Launch]          # the apply launch (None for an empty input)
+    count: int                           # elements per channel (synchronized sums)
+
+
+# (options, parameter grads wanted, x / dy / residual shapes, strides, dtypes, alignment,
+# which optional tensors are present, planner.state()) -> _BackwardCall
+_calls: dict = {}
+
+
 def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db, dres) -> None:
     x, residual, dy = a.input, a.residual, a.grad_output
-    c = x.shape[1]
-    write_dres = dres is not None
-    view, x, others = view_or_copy(x, [dy, dx, residual, dres])
-    dy, res = others[0], others[2]
-    assert others[1] is dx and others[3] is dres, \
-        "outputs are allocated in a format that always has a plane view"
-    need_sums = param_grads or o.training
     rd = a.save_rd if a.save_rd is not None and a.save_rd.numel() else None
-    # Eval backward without parameter grads is one element-wise pass, planned like eval forward.
-    op = "bwd_train" if o.training else ("bwd_eval" if need_sums else "fwd_eval")
-    plan = make_plan(op, view, x, [t for t in (x, dy, dx, res, dres) if t is not None])
-    synchronized = o.group is not None
-    c_blocks = planner.cdiv(c, plan.block_c)
-    onepass = plan.variant == "onepass" and not synchronized
-    splits_p2 = 1
-    if not onepass:
-        n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
-        if need_sums and not synchronized:
-            splits_p2 = planner.pow2(splits) if splits * plan.block_c <= planner.MERGE_IN_APPLY \
-                else 1
-    spec = _backward_spec(plan, o, a.save_mean.dtype is torch.float64, a.weight is not None,
-                          a.bias is not None, res is not None, rd is not None, write_dres,
-                          need_sums and not synchronized, splits_p2)
-    args = {
-        "X": x, "DY": dy, "DX": dx, "RES": res, "DRES": dres,
+    key = (o, param_grads, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
+           dy.stride(), dy.dtype, dy.data_ptr() % 16 == 0,
+           None if residual is None else (residual.stride(), residual.dtype,
+                                          residual.data_ptr() % 16 == 0),
+           a.weight is not None, a.bias is not None, rd is not None, a.save_mean.dtype,
+           planner.state())
+    call = _calls.get(key)
+    if call is None:
+        call = _backward_call(a, o, param_grads, dx, dres, rd)
+        if len(_calls) > 4096:
+            _calls.clear()
+        _calls[key] = call
+    if call.copies:
+        _, x, (dy, _, residual, _) = view_or_copy(x, [dy, dx, residual, dres])
+    pointers = {
+        "X": x, "DY": dy, "DX": dx, "RES": residual, "DRES": dres,
         "MEAN": a.save_mean, "INVSTD": a.save_invstd,
         "W": contiguous(a.weight), "B": contiguous(a.bias), "SAVE_RD": rd, "DW": dw, "DB": db,
-        "slope": float(o.negative_slope), **geometry(view, _BACKWARD_STRIDES)}
-
-    if onepass:
-        run("bn_bwd_onepass_kernel", (c_blocks,), args, spec.onepass)
+        "PART": None}
+    if call.onepass is not None:
+        call.onepass(pointers)
         return
-
-    args.update(n_tiles_s=n_tiles_s, n_tiles=n_tiles, tiles_per_split=per_split)
-    part, total = None, float(view.n * view.s)
-    if need_sums:
-        part = torch.empty((2, splits, c), dtype=a.save_mean.dtype, device=x.device)
-        args["PART"] = part             # the partial kernel writes it; apply reads it below
-        run("bn_bwd_partial_kernel", (c_blocks, splits), args, spec.partial)
-    if synchronized:
-        local = merge_partials(part, moments=False)           # this process's own sums
-        db.copy_(local[0])
-        r, d = (rd[0], rd[1]) if rd is not None else (1.0, 0.0)
-        dw.copy_(r * local[1] + d * local[0])
-        part = sums_over_processes(local, view.n * view.s, o.group).reshape(2, 1, c)
-        total = 1.0                                           # the kernel gets means
-    elif need_sums:
-        part = merged(part, plan, moments=False)
+    if call.partial is not None:
+        part = pointers["PART"] = torch.empty(call.part_shape, dtype=a.save_mean.dtype,
+                                              device=x.device)
+        call.partial(pointers)          # writes the partials; apply reads them below
+        if o.group is not None:
+            local = merge_partials(part, moments=False)       # this process's own sums
+            db.copy_(local[0])
+            r, d = (rd[0], rd[1]) if rd is not None else (1.0, 0.0)
+            dw.copy_(r * local[1] + d * local[0])
+            pointers["PART"] = sums_over_processes(local, call.count, o.group).reshape(
+                2, 1, x.shape[1])
+        elif call.merge:
+            pointers["PART"] = merge_partials(part, moments=False).unsqueeze(1)
     else:
         dw.zero_()
         db.zero_()
-    if x.numel() == 0:
-        return
-    args.update(PART=part, n_part_splits=0 if part is None else part.shape[1],
-                total_count=total)
-    run("bn_bwd_apply_kernel", (c_blocks, splits), args, spec.apply)
+    if call.apply is not None:
+        call.apply(pointers)
+
+
+def _backward_call(a: BackwardArgs, o: Options, param_grads: bool, dx, dres,
+                   rd) -> _BackwardCall:
+    """Plan a kind of backward call and bind its launches' sizes, strides, scalars and
+    constants (what ``_calls`` keeps)."""
+    x, residual, dy = a.input, a.residual, a.grad_output
+    c = x.shape[1]
+    write_dres = dres is not None
+    view, x_view, others = view_or_copy(x, [dy, dx, residual, dres])
+    assert others[1] is dx and others[3] is dres, \
+        "outputs are allocated in a format that always has a plane view"
+    copies = x_view is not x or others[0] is not dy or others[2] is not residual
+    res = others[2]
+    need_sums = param_grads or o.training
+    # Eval backward without parameter grads is one element-wise pass, planned like eval forward.
+    op = "bwd_train" if o.training else ("bwd_eval" if need_sums else "fwd_eval")
+    plan = make_plan(op, view, x_view,
+                     [t for t in (x_view, others[0], dx, res, dres) if t is not None])
+    synchronized = o.group is not None
+    c_blocks = planner.cdiv(c, plan.block_c)
+    onepass = plan.variant == "onepass" and not synchronized
+    scalars = {"slope": float(o.negative_slope), **geometry(view, _BACKWARD_STRIDES)}
+    splits_p2, splits, merge = 1, 1, False
+    if not onepass:
+        n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+        scalars.update(n_tiles_s=n_tiles_s, n_tiles=n_tiles, tiles_per_split=per_split)
+        if need_sums and not synchronized:
+            few = splits * plan.block_c <= planner.MERGE_IN_APPLY
+            # apply merges the splits' sums itself when few, else one launch merges them
+            splits_p2, merge = (planner.pow2(splits), False) if few else (1, True)
+    spec = _backward_spec(plan, o, a.save_mean.dtype is torch.float64, a.weight is not None,
+                          a.bias is not None, res is not None, rd is not None, write_dres,
+                          need_sums and not synchronized, splits_p2)
+    if onepass:
+        return _BackwardCall(copies, run.Launch("bn_bwd_onepass_kernel", (c_blocks,), scalars,
+                                                spec.onepass),
+                             None, (), False, None, 0)
+    grid = (c_blocks, splits)
+    partial = run.Launch("bn_bwd_partial_kernel", grid, scalars, spec.partial) \
+        if need_sums else None
+    n_part_splits = 0 if not need_sums else 1 if (merge or synchronized) else splits
+    # the kernel gets sums (and divides) or, synchronized, the means over every process
+    scalars.update(n_part_splits=n_part_splits,
+                   total_count=1.0 if synchronized else float(view.n * view.s))
+    apply = run.Launch("bn_bwd_apply_kernel", grid, scalars, spec.apply) \
+        if x.numel() else None
+    return _BackwardCall(copies, None, partial, (2, splits, c), merge, apply, view.n * view.s)

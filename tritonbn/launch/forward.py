@@ -9,7 +9,7 @@ the statistics, updates the running ones and normalizes.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -18,9 +18,10 @@ from .. import plan as planner
 from .._runtime import uses_reference, warn_reference_path
 from ..layout import empty_output
 from ..options import ForwardArgs, Options
-from .merge import gather_moments, merge_partials, merged, world_size
+from . import run
+from .merge import gather_moments, merge_partials, world_size
 from .planning import contiguous, geometry, plan as make_plan, tl_acc, view_or_copy
-from .run import constants, run
+from .run import constants
 from .updates import Updates
 
 __all__ = ["forward"]
@@ -136,54 +137,103 @@ def _splits_p2(splits: int, plan: planner.Plan, o: Options) -> int:
 _FORWARD_STRIDES = ("x", "y", "r")      # the view's tensors: input, output, residual
 
 
+class _ForwardCall(NamedTuple):
+    """A forward's launches for one kind of call: everything but its tensors (``_calls``)."""
+    copies: bool                         # x or the residual has no plane view: contiguous copies
+    onepass: Optional[run.Launch]        # the one launch of a one-pass plan, or None:
+    stats: Optional[run.Launch]          # the statistics launch (training)
+    part_shape: tuple                    # (3, splits, C): its partials
+    merge: bool                          # merged in a launch of their own before apply
+    apply: Optional[run.Launch]          # the apply launch
+    reads_batches: bool                  # the kernels read the module's batch counter
+
+
+# (options, x's shape / strides / dtype / device / alignment, the residual's, which optional
+# tensors are present, planner.state()) -> _ForwardCall. A model makes a few dozen.
+_calls: dict = {}
+
+
 def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
-    x, residual = a.input, a.residual
+    x, res = a.input, a.residual
+    reads, writes = upd.reads, upd.writes
+    key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
+           None if res is None else (res.stride(), res.dtype, res.data_ptr() % 16 == 0),
+           a.weight is not None, a.bias is not None, reads["running_mean"] is not None,
+           reads["channel_batches"] is not None, a.overflow_count is not None,
+           saves[0].dtype, planner.state())
+    call = _calls.get(key)
+    if call is None:
+        call = _forward_call(a, o, y, saves[0], reads)
+        if len(_calls) > 4096:
+            _calls.clear()
+        _calls[key] = call
+    if call.copies:
+        _, x, (_, res) = view_or_copy(x, [y, res])
     save_mean, save_invstd, save_rd = saves
+    pointers = {
+        "X": x, "Y": y, "RES": res,
+        "RUN_MEAN": reads["running_mean"], "RUN_VAR": reads["running_var"],
+        "NEW_MEAN": writes["running_mean"], "NEW_VAR": writes["running_var"],
+        "BATCHES": a.batches if call.reads_batches else None,
+        "CH_BATCHES": reads["channel_batches"], "NEW_CH_BATCHES": writes["channel_batches"],
+        "W": contiguous(a.weight), "B": contiguous(a.bias),
+        "SAVE_MEAN": save_mean, "SAVE_INVSTD": save_invstd, "SAVE_RD": save_rd,
+        "OVF_COUNT": writes["overflow_count"], "OVF_MAX": writes["overflow_max"], "PART": None}
+    if call.onepass is not None:
+        call.onepass(pointers)
+        return
+    if call.stats is not None:
+        part = pointers["PART"] = torch.empty(call.part_shape, dtype=save_mean.dtype,
+                                              device=x.device)
+        call.stats(pointers)            # writes the partials; apply reads them below
+        if o.group is not None:
+            pointers["PART"] = gather_moments(merge_partials(part, moments=True), o.group)
+        elif call.merge:
+            pointers["PART"] = merge_partials(part, moments=True).unsqueeze(1)
+    call.apply(pointers)
+
+
+def _forward_call(a: ForwardArgs, o: Options, y, save_mean, reads) -> _ForwardCall:
+    """Plan a kind of forward call and bind its launches' sizes, strides, scalars and
+    constants (what ``_calls`` keeps)."""
+    x, residual = a.input, a.residual
     c = x.shape[1]
-    view, x, others = view_or_copy(x, [y, residual])
+    view, x_view, others = view_or_copy(x, [y, residual])
     assert others[0] is y, "outputs are allocated in a format that always has a plane view"
     res = others[1]
+    copies = x_view is not x or res is not residual
     has_res = res is not None
-    plan = make_plan("fwd_train" if o.training else "fwd_eval", view, x,
-                     (x, y, res) if has_res else (x, y))
-    reads, writes = upd.reads, upd.writes
+    plan = make_plan("fwd_train" if o.training else "fwd_eval", view, x_view,
+                     (x_view, y, res) if has_res else (x_view, y))
     c_blocks = planner.cdiv(c, plan.block_c)
     onepass = o.training and plan.variant == "onepass" and o.group is None
-    part = None
+    part_shape, splits, n_part_splits, merge = (), 1, 0, False
+    scalars = {"warmup_steps": o.warmup_steps, **geometry(view, _FORWARD_STRIDES)}
     if not onepass:
         # An empty batch in a synchronized step still finalizes the shared statistics (so
         # every process updates its running statistics alike): one program and no tiles.
         n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)
+        scalars.update(n_tiles_s=n_tiles_s, n_tiles=n_tiles, tiles_per_split=per_split)
         if o.training:
-            part = torch.empty((3, splits, c), dtype=save_mean.dtype, device=x.device)
+            part_shape = (3, splits, c)
+            # apply merges the splits' partials itself when few, else one launch merges them
+            merge = o.group is None and splits * plan.block_c > planner.MERGE_IN_APPLY
+            n_part_splits = world_size(o.group) if o.group is not None else \
+                1 if merge else splits
     spec = _forward_spec(plan, o, save_mean.dtype is torch.float64, a.weight is not None,
                          a.bias is not None, has_res, reads["channel_batches"] is not None,
                          a.overflow_count is not None,
                          o.training and reads["running_mean"] is not None,
-                         1 if part is None else _splits_p2(part.shape[1], plan, o),
+                         1 if not part_shape else _splits_p2(splits, plan, o),
                          *_edges(plan, view))
-    args = {
-        "X": x, "Y": y, "RES": res,
-        "RUN_MEAN": reads["running_mean"], "RUN_VAR": reads["running_var"],
-        "NEW_MEAN": writes["running_mean"], "NEW_VAR": writes["running_var"],
-        "BATCHES": a.batches if spec.reads_batches else None,
-        "CH_BATCHES": reads["channel_batches"], "NEW_CH_BATCHES": writes["channel_batches"],
-        "W": contiguous(a.weight), "B": contiguous(a.bias),
-        "SAVE_MEAN": save_mean, "SAVE_INVSTD": save_invstd, "SAVE_RD": save_rd,
-        "OVF_COUNT": writes["overflow_count"], "OVF_MAX": writes["overflow_max"],
-        "warmup_steps": o.warmup_steps,
-        **geometry(view, _FORWARD_STRIDES), **spec.floats}
-
+    scalars.update(spec.floats, n_part_splits=n_part_splits)
     if onepass:
-        run("bn_fwd_onepass_kernel", (c_blocks,), args, spec.onepass)
-        return
-    args.update(n_tiles_s=n_tiles_s, n_tiles=n_tiles, tiles_per_split=per_split)
-    if part is not None:
-        args["PART"] = part             # the statistics kernel writes it; apply reads it below
-        run("bn_stats_partial_kernel", (c_blocks, splits), args, spec.stats)
-        if o.group is not None:
-            part = gather_moments(merge_partials(part, moments=True), o.group)
-        else:
-            part = merged(part, plan, moments=True)
-    args.update(PART=part, n_part_splits=0 if part is None else part.shape[1])
-    run("bn_fwd_apply_kernel", (c_blocks, splits), args, spec.apply)
+        return _ForwardCall(copies, run.Launch("bn_fwd_onepass_kernel", (c_blocks,), scalars,
+                                               spec.onepass),
+                            None, (), False, None, spec.reads_batches)
+    grid = (c_blocks, splits)
+    stats = run.Launch("bn_stats_partial_kernel", grid, scalars, spec.stats) \
+        if part_shape else None
+    return _ForwardCall(copies, None, stats, part_shape, merge,
+                        run.Launch("bn_fwd_apply_kernel", grid, scalars, spec.apply),
+                        spec.reads_batches)

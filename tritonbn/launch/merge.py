@@ -9,7 +9,7 @@ from .. import plan as planner
 from .planning import tl_acc
 from .run import constants, run
 
-__all__ = ["merge_partials", "merged", "world_size", "gather_moments", "sums_over_processes"]
+__all__ = ["merge_partials", "world_size", "gather_moments", "sums_over_processes"]
 
 
 def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
@@ -26,14 +26,6 @@ def merge_partials(part: torch.Tensor, moments: bool) -> torch.Tensor:
         constants(None, MOMENTS=moments, ACC=tl_acc(part.dtype), BLOCK_K=block_k,
                   BLOCK_C=block_c, num_warps=4))
     return out
-
-
-def merged(part: torch.Tensor, plan: planner.Plan, moments: bool) -> torch.Tensor:
-    """The partials as the apply kernel merges them: as they are when few, else merged first
-    (one per channel, in a launch of its own)."""
-    if part.shape[1] * plan.block_c <= planner.MERGE_IN_APPLY:
-        return part
-    return merge_partials(part, moments).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------ synchronized calls

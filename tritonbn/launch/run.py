@@ -22,7 +22,7 @@ from .. import _runtime, direct_launch
 from .. import plan as planner
 
 __all__ = ["LAUNCHES", "count_launches", "capture_launches", "LaunchArgs", "COMPILE_OPTIONS",
-           "KernelSignature", "signature", "run", "constants"]
+           "KernelSignature", "signature", "Launch", "run", "constants"]
 
 LAUNCHES: collections.Counter = collections.Counter()
 
@@ -129,18 +129,41 @@ def signature(name: str) -> KernelSignature:
     return found
 
 
+class Launch:
+    """One launch of kernel ``name`` with its grid, integers, floats and constants bound once,
+    from ``args`` by parameter name; calling it with {pointer name: tensor} launches it (and
+    counts it), or records it while capture_launches is active.
+
+    The launchers keep these per kind of call (forward.py, backward.py): everything a launch
+    takes but its tensors depends only on the call's shapes, strides, dtypes and options, so a
+    call repeated with new tensors binds only its pointers."""
+
+    __slots__ = ("name", "grid", "ints", "floats", "consts", "_pointers", "_key")
+
+    def __init__(self, name: str, grid: tuple, args: Mapping, consts: direct_launch.Constants):
+        take_pointers, take_ints, take_floats = signature(name)._take
+        self.ints, self.floats = take_ints(args), take_floats(args)
+        self.name, self.grid, self.consts, self._pointers = name, grid, consts, take_pointers
+        self._key = direct_launch.scalar_key(self.ints, consts)
+
+    def __call__(self, pointers: Mapping) -> None:
+        tensors = self._pointers(pointers)
+        kernel = getattr(_runtime.kernels_for(tensors[0].device), self.name)
+        if _captured is not None:
+            launch_kwargs = {k: v for k, v in self.consts.items() if k not in COMPILE_OPTIONS}
+            _captured.append((kernel, self.grid, LaunchArgs(tensors, self.ints, self.floats),
+                              launch_kwargs))
+            return
+        direct_launch.launch(kernel, self.grid, tensors, self.ints, self.floats, self.consts,
+                             self._key)
+        LAUNCHES[self.name] += 1
+
+
 def run(name: str, grid: tuple, args: Mapping, consts: direct_launch.Constants) -> None:
-    """Launch (and count) kernel ``name`` with its runtime arguments by name -- compiled, or
-    interpreted for CPU tensors (its first pointer's device decides) -- or record the launch
-    while capture_launches is active."""
-    tensors, ints, floats = signature(name).bind(args)
-    kernel = getattr(_runtime.kernels_for(tensors[0].device), name)
-    if _captured is not None:
-        launch_kwargs = {k: v for k, v in consts.items() if k not in COMPILE_OPTIONS}
-        _captured.append((kernel, grid, LaunchArgs(tensors, ints, floats), launch_kwargs))
-        return
-    direct_launch.launch(kernel, grid, tensors, ints, floats, consts)
-    LAUNCHES[name] += 1
+    """Launch (and count) kernel ``name`` once, with every runtime argument by name in
+    ``args`` -- compiled, or interpreted for CPU tensors (its first pointer's device decides)
+    -- or record the launch while capture_launches is active."""
+    Launch(name, grid, args, consts)(args)
 
 
 @functools.lru_cache(maxsize=4096)
