@@ -14,7 +14,8 @@ speeds a model up or slows it down. Measured in one run, per call, median of rou
   only the driver's own work is missing (it is a few microseconds per launch on a GPU). Plans
   are then made for an H100, and CPU tensors stand in for device tensors;
 * ``torch``: torch's own module or function on the same tiny tensor, the yardstick (on the CPU
-  without a GPU, where a tensor this small costs almost nothing to compute).
+  without a GPU, where a tensor this small costs almost nothing to compute), timed in turn
+  with the ``launch`` figure round by round, so that both see the same machine.
 
 Cases: a ``BatchNorm2d`` module's training forward, the functional training forward, the
 backward, and the layer's whole training step (module forward + backward), each with the one-
@@ -106,15 +107,24 @@ def _compiled_kernels_on_cpu_tensors() -> None:
 
 
 def _per_call_us(fn, calls: int, rounds: int) -> float:
-    fn()
-    fn()
-    times = []
+    return _interleaved({"fn": fn}, calls, rounds)["fn"]
+
+
+def _interleaved(fns: dict, calls: int, rounds: int) -> dict:
+    """{name: median microseconds per call}, the functions timed in turn within each round,
+    so that a drift of the machine (another process, frequency) moves them alike and their
+    ratio holds."""
+    for fn in fns.values():
+        fn()
+        fn()
+    times: dict = {name: [] for name in fns}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) / calls * 1e6)
-    return round(statistics.median(times), 1)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - t0) / calls * 1e6)
+    return {name: round(statistics.median(t), 1) for name, t in times.items()}
 
 
 def _cases(device: str):
@@ -161,7 +171,6 @@ def measure(calls: int = 2000, rounds: int = 5, compiled: bool = True) -> dict:
     rows = []
     with plan_for:
         for name, (ours, ref) in _cases(device).items():
-            torch_us = _per_call_us(ref, calls, rounds)
             for launches, fields in PLANS.items():
                 with planner.forced_plan(**fields):
                     with launch.count_launches() as counted:
@@ -170,7 +179,9 @@ def measure(calls: int = 2000, rounds: int = 5, compiled: bool = True) -> dict:
                         # recorded, then dropped (a growing record would slow every call)
                         python_us = _per_call_us(lambda: (ours(), captured.clear()), calls,
                                                  rounds)
-                    launch_us = _per_call_us(ours, calls, rounds)
+                    # torch and tritonbn in turn, round by round: the ratio is the figure
+                    timed = _interleaved({"torch": ref, "ours": ours}, calls, rounds)
+                    launch_us, torch_us = timed["ours"], timed["torch"]
                 rows.append(dict(case=name, launches=sum(counted.values()),
                                  plan_launches=launches, python_us=python_us,
                                  launch_us=launch_us, torch_us=torch_us,
@@ -196,8 +207,8 @@ def _compiled_row(device: str, calls: int, rounds: int) -> dict:
     x = torch.randn(SHAPE, device=device).requires_grad_()
     torch._dynamo.reset()
     fn = torch.compile(model, backend="inductor", fullgraph=True)
-    eager_us = _per_call_us(lambda: model(x), calls, rounds) / LAYERS
-    compiled_us = _per_call_us(lambda: fn(x), calls, rounds) / LAYERS
+    timed = _interleaved({"eager": lambda: model(x), "compiled": lambda: fn(x)}, calls, rounds)
+    eager_us, compiled_us = timed["eager"] / LAYERS, timed["compiled"] / LAYERS
     return dict(case=f"module forward in a {LAYERS}-layer model, torch.compile (inductor) vs "
                      f"eager, per layer", launches=1, plan_launches=1, python_us=None,
                 launch_us=round(compiled_us, 1), torch_us=None, eager_us=round(eager_us, 1),

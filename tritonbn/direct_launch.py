@@ -74,28 +74,43 @@ def _int_codes(ints: tuple) -> tuple:
 _DTYPES: dict = {}   # dtype -> a small number, so that the codes are plain ints (cheap to hash)
 
 
-def _tensor_codes(tensors: tuple) -> tuple:
-    """Per pointer argument: its dtype and 16-byte alignment as one int; -1 for None."""
-    codes = []
+def _pointers(tensors: tuple) -> tuple[tuple, list]:
+    """(codes, addresses) of the pointer arguments. A code is the tensor's dtype and 16-byte
+    alignment as one int (-1 for None); the addresses are what the launcher takes (None stays
+    None). Handing the launcher addresses instead of tensors spares it a ``data_ptr()`` call
+    and a driver query per pointer: the tensors were checked to be on the kernel's device
+    before any launch (tritonbn/validate.py), which is what that query would tell."""
+    codes, addresses = [], []
     for t in tensors:
         if t is None:
             codes.append(-1)
+            addresses.append(None)
         else:
+            address = t.data_ptr()
             dt = _DTYPES.get(t.dtype)
             if dt is None:
                 dt = _DTYPES.setdefault(t.dtype, len(_DTYPES))
-            codes.append(2 * dt + (t.data_ptr() % 16 == 0))
-    return tuple(codes)
+            codes.append(2 * dt + (address % 16 == 0))
+            addresses.append(address)
+    return tuple(codes), addresses
 
 
-def scalar_key(ints: tuple, constants: Constants) -> tuple:
-    """The part of a launch's cache key its integers and constants make: callers that launch
-    with the same ones again keep it and pass it to ``launch``."""
-    return _int_codes(ints), constants.key
+_scalar_keys: dict = {}   # (integer codes, constants) -> a small int, hashed once
+
+
+def scalar_key(ints: tuple, constants: Constants) -> int:
+    """The part of a launch's cache key its integers and constants make, as a small int (a
+    tuple of ~50 values would be hashed again on every call): callers that launch with the
+    same ones again keep it and pass it to ``launch``."""
+    key = (_int_codes(ints), constants.key)
+    found = _scalar_keys.get(key)
+    if found is None:
+        found = _scalar_keys.setdefault(key, len(_scalar_keys))
+    return found
 
 
 def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
-           constants: Constants, scalars: tuple | None = None) -> None:
+           constants: Constants, scalars: int | None = None) -> None:
     """Launch ``kernel[grid](*tensors, *ints, *floats, **constants)`` -- directly when this
     specialization has been launched before. ``scalars``: ``scalar_key(ints, constants)``,
     when the caller kept it."""
@@ -104,8 +119,8 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
         kernel[grid](*tensors, *ints, *floats, **constants)
         return
     device = _driver.active.get_current_device()
-    key = (device, _tensor_codes(tensors),
-           scalars if scalars is not None else scalar_key(ints, constants))
+    codes, addresses = _pointers(tensors)
+    key = (device, codes, scalars if scalars is not None else scalar_key(ints, constants))
     entries = _cache.setdefault(kernel, {})
     entry = entries.get(key)
     if entry is None or entry is _NOT_SUPPORTED:
@@ -117,7 +132,7 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
     grid_1 = grid[1] if len(grid) > 1 else 1
     grid_2 = grid[2] if len(grid) > 2 else 1
     launcher(grid[0], grid_1, grid_2, _driver.active.get_current_stream(device), function,
-             packed_metadata, None, None, None, *tensors, *ints, *floats, *tail)
+             packed_metadata, None, None, None, *addresses, *ints, *floats, *tail)
 
 
 def _entry(kernel, compiled, constants: dict):

@@ -49,7 +49,8 @@ def _forward_fake(*args) -> tuple:
     x = a.input
     c = x.shape[1]
     acc = launch.acc_dtype(x.dtype)
-    new = [getattr(a, name) if launch.UPDATES[name](o) else None for name in UPDATED]
+    updated = launch.updated_names(o)
+    new = [getattr(a, name) if name in updated else None for name in UPDATED]
     return (empty_output(x), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc),
             x.new_empty((2, c) if o.renorming else (0,), dtype=acc),
             *(x.new_empty((0,)) if t is None else t.new_empty((t.numel(),)) for t in new))
@@ -200,8 +201,8 @@ def _run_forward(o: Options, a: ForwardArgs) -> tuple:
         out = launch.forward(a, o, in_place=True)
         # The kernels wrote raw memory: bump the version counters as an in-place op would, so
         # autograd still catches a saved running statistic modified afterwards.
-        increment_version([t for name in UPDATED if launch.UPDATES[name](o)
-                           and (t := getattr(a, name)) is not None])
+        increment_version([t for name in launch.updated_names(o)
+                           if (t := getattr(a, name)) is not None])
         return out
     return batch_norm_forward(*a, o.encode())
 
@@ -348,5 +349,5 @@ def _copy_back(o: Options, a: ForwardArgs, new: tuple) -> None:
     with torch.no_grad():
         for name, t in zip(UPDATED, new):
             given = getattr(a, name)
-            if given is not None and launch.UPDATES[name](o):
+            if given is not None and name in launch.updated_names(o):
                 given.copy_(t.view(given.shape))

@@ -89,7 +89,7 @@ def _check_param(name: str, t, device, dtype, c: int) -> None:
 
 
 def _check_running(name: str, t, input: torch.Tensor, o: Options, per_activation: bool,
-                   grad: bool) -> None:
+                   grad: bool, compiling: bool) -> None:
     """torch's rules for a running statistic, beyond its size and dtype."""
     if not per_activation and t.dim() != 1:
         raise RuntimeError(f"batch_norm: {name} must be a 1-D tensor of {input.shape[1]} "
@@ -97,7 +97,7 @@ def _check_running(name: str, t, input: torch.Tensor, o: Options, per_activation
     if grad and t.requires_grad:
         raise RuntimeError(f"batch_norm: {name} requires grad, but running statistics are not "
                            f"differentiable (detach it, or update it under torch.no_grad())")
-    if torch.compiler.is_compiling():
+    if compiling:
         return  # the checks below read tensor facts Dynamo cannot trace; eager calls make them
     if grad and input.requires_grad and t.is_inference():
         # torch saves the running statistics for backward, which inference tensors forbid
@@ -166,10 +166,10 @@ def check_tensors(input, o: Options, running_mean, running_var, weight, bias, re
     if bias is not None:
         _check_param("bias", bias, device, dtype, c)
     if running_mean is not None:
-        grad = torch.is_grad_enabled()
+        grad, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
             _check_param(name, t, device, dtype, c)
-            _check_running(name, t, input, o, per_activation, grad)
+            _check_running(name, t, input, o, per_activation, grad, compiling)
     if o.training and o.group is None and input.numel() == c and c > 0:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{tuple(input.shape)}")

@@ -27,8 +27,9 @@ from .backward import backward
 from .forward import forward
 from .merge import merge_partials
 from .planning import Planned, acc_dtype, plan_for
-from .run import COMPILE_OPTIONS, LAUNCHES, capture_launches, count_launches
-from .updates import UPDATES
+from .run import COMPILE_OPTIONS, LAUNCHES, capture_launches, count_launches, forget_calls
+from .updates import UPDATES, updated_names
 
 __all__ = ["LAUNCHES", "count_launches", "capture_launches", "acc_dtype", "plan_for", "Planned",
-           "forward", "backward", "merge_partials", "UPDATES", "COMPILE_OPTIONS"]
+           "forward", "backward", "merge_partials", "UPDATES", "updated_names", "COMPILE_OPTIONS",
+           "forget_calls"]

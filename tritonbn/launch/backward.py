@@ -103,7 +103,7 @@ class _BackwardCall(NamedTuple):
 
 # (options, parameter grads wanted, x / dy / residual shapes, strides, dtypes, alignment,
 # which optional tensors are present, planner.state()) -> _BackwardCall
-_calls: dict = {}
+_calls = run.kept_calls()
 
 
 def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db, dres) -> None:

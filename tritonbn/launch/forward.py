@@ -150,7 +150,7 @@ class _ForwardCall(NamedTuple):
 
 # (options, x's shape / strides / dtype / device / alignment, the residual's, which optional
 # tensors are present, planner.state()) -> _ForwardCall. A model makes a few dozen.
-_calls: dict = {}
+_calls = run.kept_calls()
 
 
 def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:

@@ -22,7 +22,8 @@ from .. import _runtime, direct_launch
 from .. import plan as planner
 
 __all__ = ["LAUNCHES", "count_launches", "capture_launches", "LaunchArgs", "COMPILE_OPTIONS",
-           "KernelSignature", "signature", "Launch", "run", "constants"]
+           "KernelSignature", "signature", "Launch", "run", "constants", "kept_calls",
+           "forget_calls"]
 
 LAUNCHES: collections.Counter = collections.Counter()
 
@@ -157,6 +158,24 @@ class Launch:
         direct_launch.launch(kernel, self.grid, tensors, self.ints, self.floats, self.consts,
                              self._key)
         LAUNCHES[self.name] += 1
+
+
+_kept: list[dict] = []
+
+
+def kept_calls() -> dict:
+    """A launcher's dict of kept calls (kind of call -> its bound launches), emptied by
+    ``forget_calls``."""
+    kept: dict = {}
+    _kept.append(kept)
+    return kept
+
+
+def forget_calls() -> None:
+    """Forget every kept call, so the next calls are planned again (after a change to the
+    planner's internals that ``plan.state()`` does not show, e.g. in tests)."""
+    for kept in _kept:
+        kept.clear()
 
 
 def run(name: str, grid: tuple, args: Mapping, consts: direct_launch.Constants) -> None:

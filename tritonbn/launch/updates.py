@@ -6,13 +6,14 @@ returns their new values as ``new_<name>`` outputs, which its callers copy back.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from ..options import UPDATED, ForwardArgs, Options
 
-__all__ = ["UPDATES", "Updated", "Updates"]
+__all__ = ["UPDATES", "updated_names", "Updated", "Updates"]
 
 # Which of the tensors the op may update it updates, given the options: the launchers, the
 # custom op's fake kernel and its callers all read this one table.
@@ -24,6 +25,15 @@ UPDATES = {
     "overflow_max": lambda o: True,
 }
 assert set(UPDATES) == set(UPDATED)
+
+
+@functools.lru_cache(maxsize=1024)
+def updated_names(o: Options) -> tuple[str, ...]:
+    """The names of the tensors a call with options ``o`` updates (UPDATES, per Options)."""
+    return tuple(name for name in UPDATED if UPDATES[name](o))
+
+
+_ACCUMULATED = ("overflow_count", "overflow_max")    # counters: new values add to the old
 
 
 class Updated:
@@ -78,14 +88,15 @@ class Updates:
         # Renorm reads the running statistics of before this step in every program while the
         # first program of each channel block writes the new ones: never the same memory.
         separate = o.renorming
+        updated = updated_names(o)
         self.items, self.reads, self.writes = items, reads, writes = {}, {}, {}
         for name in UPDATED:
             given = getattr(a, name)
             if given is None:
                 items[name] = reads[name] = writes[name] = None
             else:
-                u = items[name] = Updated(given, UPDATES[name](o), in_place,
-                                          name.startswith("overflow"), separate)
+                u = items[name] = Updated(given, name in updated, in_place,
+                                          name in _ACCUMULATED, separate)
                 reads[name], writes[name] = u.read, u.write
 
     def finish(self) -> tuple:
