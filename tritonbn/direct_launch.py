@@ -60,8 +60,10 @@ def _quiet(hook) -> bool:
     """No launch hook would run: none set, or an empty chain (Triton's default)."""
     return hook is None or (type(hook) is _HookChain and not hook.calls)
 
-# kernel -> {key: (launcher, function, packed_metadata, constants) or _NOT_SUPPORTED}
+# id(kernel) -> {key: (launcher, function, packed_metadata, constants) or _NOT_SUPPORTED}.
+# By id: a JITFunction's own hash is a Python property that builds its cache key (~1 us).
 _cache: dict = {}
+_kernels: list = []      # the kernels of _cache, kept alive so that their ids stay theirs
 
 
 @functools.lru_cache(maxsize=4096)
@@ -121,7 +123,10 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
     device = _driver.active.get_current_device()
     codes, addresses = _pointers(tensors)
     key = (device, codes, scalars if scalars is not None else scalar_key(ints, constants))
-    entries = _cache.setdefault(kernel, {})
+    entries = _cache.get(id(kernel))
+    if entries is None:
+        _kernels.append(kernel)
+        entries = _cache[id(kernel)] = {}
     entry = entries.get(key)
     if entry is None or entry is _NOT_SUPPORTED:
         compiled = kernel[grid](*tensors, *ints, *floats, **constants)
@@ -156,3 +161,4 @@ def _entry(kernel, compiled, constants: dict):
 def clear() -> None:
     """Forget every direct-launch entry (tests; a driver switch)."""
     _cache.clear()
+    _kernels.clear()

@@ -47,9 +47,7 @@ def forward(a: ForwardArgs, o: Options, in_place: bool = True) -> tuple:
         for t in saves:
             if t is not None:
                 t.zero_()
-        for u in upd.items.values():
-            if u is not None:
-                u.unchanged()
+        upd.unchanged()
     elif uses_reference(x):
         warn_reference_path()
         _reference_forward(a, o, y, saves, upd)
@@ -75,12 +73,13 @@ def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> No
             t.copy_(v)
     for name, value in (("running_mean", out.new_mean), ("running_var", out.new_var),
                         ("channel_batches", out.new_counts)):
-        u = upd.items[name]
-        if u is not None and u.write is not None:
+        write, u = upd.writes[name], upd.items[name]
+        if write is not None:
             if value is None:
-                u.unchanged()
+                if u is not None:
+                    u.unchanged()
             else:
-                u.write.copy_(reference.fit(value, u.write.dtype, o.saturate))
+                write.copy_(reference.fit(value, write.dtype, o.saturate))
     if a.overflow_count is not None:
         count, biggest = reference.overflow(out.y, y.dtype)
         upd.writes["overflow_count"].add_(count)

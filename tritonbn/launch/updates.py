@@ -79,8 +79,9 @@ class Updated:
 
 
 class Updates:
-    """The Updated of each tensor of a call, by name (None for absent ones), and their
-    ``reads`` / ``writes`` by name (None for absent ones) as the kernels take them."""
+    """The Updated of each tensor of a call, by name (None for absent ones and for ones the
+    kernels update in the caller's own memory), and their ``reads`` / ``writes`` by name (None
+    for absent ones) as the kernels take them."""
 
     __slots__ = ("items", "reads", "writes")
 
@@ -94,11 +95,23 @@ class Updates:
             given = getattr(a, name)
             if given is None:
                 items[name] = reads[name] = writes[name] = None
+            elif in_place and not separate and given.dim() == 1 and given.is_contiguous():
+                # the kernels read and write the caller's own memory: nothing to hand back
+                # (what Updated would do, without making one on every call)
+                items[name] = None
+                reads[name], writes[name] = given, given if name in updated else None
             else:
                 u = items[name] = Updated(given, name in updated, in_place,
                                           name in _ACCUMULATED, separate)
                 reads[name], writes[name] = u.read, u.write
 
+    def unchanged(self) -> None:
+        """The kernels did not run (an empty batch): every new value is the old one."""
+        for u in self.items.values():
+            if u is not None:
+                u.unchanged()
+
     def finish(self) -> tuple:
         """The ``new_<name>`` outputs, in UPDATED order (all None in place)."""
-        return tuple(None if (u := self.items[name]) is None else u.finish() for name in UPDATED)
+        items = self.items
+        return tuple([None if (u := items[name]) is None else u.finish() for name in UPDATED])
