@@ -10,6 +10,12 @@
 * CPU tensors take the float64 reference path (tritonbn/reference.py) instead when asked:
   ``TRITONBN_CPU=reference``, or ``TRITON_INTERPRET=0`` set on purpose (then a
   ``ReferencePathWarning`` says so once, since that variable is about every Triton kernel).
+* Under torch.compile (``TRITONBN_COMPILED``): the graph calls tritonbn's functional custom
+  ops, opaque to the compiler, whose implementation runs the launchers (``custom_op``, the
+  default); or, with ``triton_op``, ``torch.library.triton_op`` ops whose bodies -- the same
+  launchers -- the compiler traces, so that the graph holds the kernels themselves and
+  Inductor launches them with its own launcher. ``triton_op`` stays opt-in until a GPU has run
+  it (the GPU window's ``triton_op`` step).
 
 Also: in a source checkout whose ``tritonbn`` package is imported from the source tree, the
 device code lives in the top-level ``kernels/`` folder, which an installed copy carries as
@@ -27,10 +33,13 @@ import warnings
 
 import torch
 
-__all__ = ["ReferencePathWarning", "kernels_for", "uses_reference", "warn_reference_path",
-           "cpu_runs_kernels", "cuda_interpreted", "CPU_ENV"]
+__all__ = ["ReferencePathWarning", "kernels_for", "compiled_kernels", "uses_reference",
+           "warn_reference_path", "cpu_runs_kernels", "cuda_interpreted", "compiled_form",
+           "CPU_ENV", "COMPILED_ENV", "COMPILED_FORMS"]
 
 CPU_ENV = "TRITONBN_CPU"            # "kernels" (the default) or "reference"
+COMPILED_ENV = "TRITONBN_COMPILED"  # "custom_op" (the default) or "triton_op"
+COMPILED_FORMS = ("custom_op", "triton_op")
 _KERNELS = __package__ + ".kernels"
 _INTERPRETED = __package__ + "._interpreted_kernels"
 
@@ -83,6 +92,27 @@ from . import kernels as _compiled  # noqa: E402 - after the mapping above
 _REFERENCE, _WARN = _reference_on_cpu()
 _interpreted = None
 _warned = False
+
+
+def _compiled_form_from_env() -> str:
+    form = os.environ.get(COMPILED_ENV, "custom_op")
+    if form not in COMPILED_FORMS:
+        raise ValueError(f"{COMPILED_ENV} must be one of {COMPILED_FORMS}, got {form!r}")
+    return form
+
+
+_COMPILED_FORM = _compiled_form_from_env()
+
+
+def compiled_form() -> str:
+    """How compiled graphs reach the kernels: "custom_op" or "triton_op" (module docstring)."""
+    return _COMPILED_FORM
+
+
+def compiled_kernels():
+    """The compiled kernels (``tritonbn.kernels``), whatever the tensors' device: what a traced
+    ``triton_op`` body hands the compiler."""
+    return _compiled
 
 
 def cuda_interpreted() -> bool:
@@ -144,7 +174,14 @@ def _library_interpreted():
     """Triton's own library functions (``tl.sum``, ``tl.max``, ...) are ``@triton.jit``
     functions too, decorated when triton was imported -- compiled ones, unless the whole process
     interprets. Inside an interpreted launch, calling one interprets its source, as Triton does
-    when it interprets everything."""
+    when it interprets everything.
+
+    Interpreting a device function (a library function, or a kernel's own helper) replaces the
+    builtins of ``triton.language.core`` with the interpreter's and never puts them back: in a
+    process that only interprets, nothing else needs them. Here compiled kernels may follow (on
+    CUDA tensors, or torch.compile's analysis of a kernel), and would be built with the
+    interpreter's builtins: every patch an interpreted launch makes is undone when it ends."""
+    from triton.runtime import interpreter
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -154,15 +191,34 @@ def _library_interpreted():
             device_fn = _library.setdefault(self.fn, InterpretedFunction(self.fn))
         return device_fn(*args, **kwargs)
 
+    # Every attribute the interpreter's patch scopes set, with what the object itself held
+    # before (absent: _ABSENT), in order; undone in reverse order afterwards.
+    journal = []
+    scope_class = interpreter._LangPatchScope
+    set_attr = scope_class.set_attr
+
+    def set_attr_journaled(scope, obj, name, value):
+        journal.append((obj, name, vars(obj).get(name, _ABSENT)))
+        set_attr(scope, obj, name, value)
+
     saved = JITFunction.__call__
     JITFunction.__call__ = interpret
+    scope_class.set_attr = set_attr_journaled
     try:
         yield
     finally:
+        scope_class.set_attr = set_attr
         JITFunction.__call__ = saved
+        for obj, name, original in reversed(journal):
+            if original is _ABSENT:
+                if name in vars(obj):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, original)
 
 
 _library: dict = {}     # a library function's Python function -> its InterpretedFunction
+_ABSENT = object()
 _one_at_a_time = threading.Lock()
 
 
@@ -171,6 +227,9 @@ class _InterpretedKernel:
 
     def __init__(self, kernel):
         self.kernel, self.fn = kernel, kernel.fn
+
+    def __getattr__(self, name: str):
+        return getattr(self.kernel, name)      # arg_names, params, ...: the kernel's own
 
     def __getitem__(self, grid):
         run = self.kernel[grid]

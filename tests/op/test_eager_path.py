@@ -113,3 +113,27 @@ def test_jit_trace_records_the_op(device):
     # ... with the sizes as traced values: another batch size replays correctly
     x2 = make_input((2, 6, 3, 5), torch.float32, "contiguous", device, seed=3)
     assert_close(traced(x2), m(x2), atol=1e-6, rtol=1e-6)
+
+
+def test_interpreted_calls_leave_the_triton_language_as_it_was():
+    """CPU tensors run the kernels in Triton's interpreter, which swaps triton.language's
+    builtins for its own while it runs (and, for device functions, never swaps them back). In
+    this process compiled kernels may follow -- CUDA tensors, torch.compile's analysis of a
+    kernel -- and would be built from the interpreter's builtins: after any CPU call every
+    builtin must be Triton's own again."""
+    import triton.language as tl
+
+    from tritonbn import plan as planner
+
+    namespaces = {"tl": tl, "core": tl.core, "math": tl.math, "tensor": tl.tensor,
+                  "standard": tl.standard}
+    before = {name: dict(vars(ns)) for name, ns in namespaces.items()}
+    x = torch.randn(4, 6, 5, 3, requires_grad=True)
+    m = tritonbn.BatchNormAct2d(6, activation="silu")
+    for variant in ("onepass", "split"):
+        with planner.forced_plan(variant=variant, splits=2):
+            m(x, x.detach().flip(0)).sum().backward()
+    for name, ns in namespaces.items():
+        now = vars(ns)
+        changed = [k for k, v in before[name].items() if now.get(k) is not v]
+        assert changed == [], (name, changed)
