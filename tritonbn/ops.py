@@ -12,20 +12,23 @@ the tensors in place. Both run inside one autograd Function.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.autograd.graph import increment_version
 
-from . import activations, launch
+from . import _runtime, activations, launch
 from .layout import empty_output, output_memory_format
 from .options import (BACKWARD_ARGS, BACKWARD_OUTPUTS, BACKWARD_SCALARS, FORWARD_ARGS,
                       FORWARD_OUTPUTS, FORWARD_SCALARS, UPDATED, BackwardArgs, ForwardArgs,
                       Options, schema)
 
-__all__ = ["batch_norm_forward", "batch_norm_backward", "BatchNormFunction",
+__all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_forward_traced",
+           "batch_norm_backward_traced", "BatchNormFunction",
            "ForwardModeFunction", "tangent", "batch_norm_op"]
 
 _N_FWD = len(FORWARD_ARGS)
@@ -96,6 +99,41 @@ def _backward_vmap(info, in_dims, *args) -> tuple:
 batch_norm_backward.register_vmap(_backward_vmap)
 
 
+# ------------------------------------------------- the same ops as torch.compile may trace them
+
+def _traceable(name: str, impl, args, scalars, outputs):
+    """``tritonbn::<name>`` as a ``torch.library.triton_op`` whose body is ``impl`` -- the
+    launchers, which launch through ``wrap_triton`` when their tensors are traced
+    (tritonbn/launch/run.py). torch.compile traces the body instead of calling it, so its graph
+    holds the kernels as user-defined Triton kernels. The body's signature, from which
+    triton_op takes the schema, is the op's, written from the argument descriptions."""
+    def body(*values):
+        return impl(*values)
+
+    P, optional = inspect.Parameter, Optional[Tensor]
+    params = [P(a.name, P.POSITIONAL_OR_KEYWORD, annotation=Tensor if a.required else optional)
+              for a in args]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, annotation={"str": str, "bool": bool}[ty])
+               for n, ty in scalars]
+    body.__signature__ = inspect.Signature(params, return_annotation=tuple[(Tensor,) * len(
+        outputs)])
+    return torch.library.triton_op(f"tritonbn::{name}", body, mutates_args=())
+
+
+batch_norm_forward_traced = _traceable("batch_norm_forward_traced", _forward_impl,
+                                       FORWARD_ARGS, FORWARD_SCALARS, FORWARD_OUTPUTS)
+batch_norm_backward_traced = _traceable("batch_norm_backward_traced", _backward_impl,
+                                        BACKWARD_ARGS, BACKWARD_SCALARS, BACKWARD_OUTPUTS)
+
+
+def _traced_ops(o: Options) -> bool:
+    """Whether a tracer gets the triton_op form: under torch.compile, when chosen
+    (``TRITONBN_COMPILED=triton_op``), and not for synchronized statistics, whose collectives
+    stay inside the custom op."""
+    return torch.compiler.is_compiling() and _runtime.compiled_form() == "triton_op" \
+        and o.group is None
+
+
 # ---------------------------------------------------------------------------------- autograd
 
 def _direct(t: Tensor) -> bool:
@@ -138,6 +176,8 @@ def _backward_kernels(b: BackwardArgs, o: Options, param_grads: bool) -> tuple:
         return launch.backward(b, o, param_grads)
     if _forward_mode():
         return BackwardOpFunction.apply(o.encode(), param_grads, *b)
+    if _traced_ops(o):
+        return batch_norm_backward_traced(*b, o.encode(), param_grads)
     return batch_norm_backward(*b, o.encode(), param_grads)
 
 
@@ -204,6 +244,8 @@ def _run_forward(o: Options, a: ForwardArgs) -> tuple:
         increment_version([t for name in launch.updated_names(o)
                            if (t := getattr(a, name)) is not None])
         return out
+    if _traced_ops(o):
+        return batch_norm_forward_traced(*a, o.encode())
     return batch_norm_forward(*a, o.encode())
 
 
@@ -349,5 +391,6 @@ def _copy_back(o: Options, a: ForwardArgs, new: tuple) -> None:
     with torch.no_grad():
         for name, t in zip(UPDATED, new):
             given = getattr(a, name)
-            if given is not None and name in launch.updated_names(o):
+            # (the table, not the cached updated_names: this runs under torch.compile too)
+            if given is not None and launch.UPDATES[name](o):
                 given.copy_(t.view(given.shape))

@@ -21,7 +21,7 @@ from ..layout import empty_output
 from ..options import BackwardArgs, Options
 from . import run
 from .merge import merge_partials, sums_over_processes
-from .planning import contiguous, geometry, plan as make_plan, tl_acc, view_or_copy
+from .planning import contiguous, geometry, plan as make_plan, tl_acc, traced, view_or_copy
 from .run import constants
 
 __all__ = ["backward"]
@@ -109,18 +109,21 @@ _calls = run.kept_calls()
 def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db, dres) -> None:
     x, residual, dy = a.input, a.residual, a.grad_output
     rd = a.save_rd if a.save_rd is not None and a.save_rd.numel() else None
-    key = (o, param_grads, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
-           dy.stride(), dy.dtype, dy.data_ptr() % 16 == 0,
-           None if residual is None else (residual.stride(), residual.dtype,
-                                          residual.data_ptr() % 16 == 0),
-           a.weight is not None, a.bias is not None, rd is not None, a.save_mean.dtype,
-           planner.state())
-    call = _calls.get(key)
-    if call is None:
+    if traced(x):       # a triton_op body traced once by torch.compile: nothing to keep
         call = _backward_call(a, o, param_grads, dx, dres, rd)
-        if len(_calls) > 4096:
-            _calls.clear()
-        _calls[key] = call
+    else:
+        key = (o, param_grads, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
+               dy.stride(), dy.dtype, dy.data_ptr() % 16 == 0,
+               None if residual is None else (residual.stride(), residual.dtype,
+                                              residual.data_ptr() % 16 == 0),
+               a.weight is not None, a.bias is not None, rd is not None, a.save_mean.dtype,
+               planner.state())
+        call = _calls.get(key)
+        if call is None:
+            call = _backward_call(a, o, param_grads, dx, dres, rd)
+            if len(_calls) > 4096:
+                _calls.clear()
+            _calls[key] = call
     if call.copies:
         _, x, (dy, _, residual, _) = view_or_copy(x, [dy, dx, residual, dres])
     pointers = {

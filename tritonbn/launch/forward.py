@@ -20,7 +20,7 @@ from ..layout import empty_output
 from ..options import ForwardArgs, Options
 from . import run
 from .merge import gather_moments, merge_partials, world_size
-from .planning import contiguous, geometry, plan as make_plan, tl_acc, view_or_copy
+from .planning import contiguous, geometry, plan as make_plan, tl_acc, traced, view_or_copy
 from .run import constants
 from .updates import Updates
 
@@ -155,17 +155,20 @@ _calls = run.kept_calls()
 def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
     x, res = a.input, a.residual
     reads, writes = upd.reads, upd.writes
-    key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
-           None if res is None else (res.stride(), res.dtype, res.data_ptr() % 16 == 0),
-           a.weight is not None, a.bias is not None, reads["running_mean"] is not None,
-           reads["channel_batches"] is not None, a.overflow_count is not None,
-           saves[0].dtype, planner.state())
-    call = _calls.get(key)
-    if call is None:
+    if traced(x):       # a triton_op body traced once by torch.compile: nothing to keep
         call = _forward_call(a, o, y, saves[0], reads)
-        if len(_calls) > 4096:
-            _calls.clear()
-        _calls[key] = call
+    else:
+        key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
+               None if res is None else (res.stride(), res.dtype, res.data_ptr() % 16 == 0),
+               a.weight is not None, a.bias is not None, reads["running_mean"] is not None,
+               reads["channel_batches"] is not None, a.overflow_count is not None,
+               planner.state())
+        call = _calls.get(key)
+        if call is None:
+            call = _forward_call(a, o, y, saves[0], reads)
+            if len(_calls) > 4096:
+                _calls.clear()
+            _calls[key] = call
     if call.copies:
         _, x, (_, res) = view_or_copy(x, [y, res])
     save_mean, save_invstd, save_rd = saves

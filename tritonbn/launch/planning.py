@@ -7,12 +7,14 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 from .. import plan as planner
 from ..layout import max_offset, plane_view
 
 __all__ = ["acc_dtype", "tl_acc", "view_or_copy", "plan", "Planned", "plan_for", "geometry",
-           "contiguous"]
+           "contiguous", "traced", "aligned16"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,10 +51,25 @@ _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.floa
                 torch.float64: "float64"}
 
 
+def traced(t: torch.Tensor) -> bool:
+    """A tensor of a compiler's trace (a ``triton_op`` body traced by torch.compile): it has
+    shapes, strides and offsets but no address, and its launches go into the graph."""
+    return type(t) is not torch.Tensor and isinstance(t, (FakeTensor, FunctionalTensor))
+
+
+def aligned16(t: torch.Tensor) -> bool:
+    """16-byte aligned: by its address; a traced tensor, which has none, by its offset into a
+    storage the compiler allocates aligned (Inductor copies a misaligned graph input to an
+    aligned one before running the graph)."""
+    if traced(t):
+        return (t.storage_offset() * t.element_size()) % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
 def _aligned(view, x: torch.Tensor, tensors) -> bool:
     """Every activation pointer 16-byte aligned and every non-unit stride a multiple of 16
     bytes: the compiler can vectorize."""
-    return _view_facts(view, x.element_size())[1] and all(t.data_ptr() % 16 == 0 for t in tensors)
+    return _view_facts(view, x.element_size())[1] and all(aligned16(t) for t in tensors)
 
 
 _plans: dict = {}   # the plans of the calls seen: a model makes a few dozen

@@ -18,8 +18,11 @@ from typing import Mapping, Optional
 import torch
 import triton.language as tl
 
+from torch.library import wrap_triton
+
 from .. import _runtime, direct_launch
 from .. import plan as planner
+from .planning import traced
 
 __all__ = ["LAUNCHES", "count_launches", "capture_launches", "LaunchArgs", "COMPILE_OPTIONS",
            "KernelSignature", "signature", "Launch", "run", "constants", "kept_calls",
@@ -149,6 +152,12 @@ class Launch:
 
     def __call__(self, pointers: Mapping) -> None:
         tensors = self._pointers(pointers)
+        if traced(tensors[0]):
+            # a triton_op body traced by torch.compile: the launch goes into the graph, as a
+            # user-defined Triton kernel (the compiled one, whatever the tensors' device)
+            kernel = getattr(_runtime.compiled_kernels(), self.name)
+            wrap_triton(kernel)[self.grid](*tensors, *self.ints, *self.floats, **self.consts)
+            return
         kernel = getattr(_runtime.kernels_for(tensors[0].device), self.name)
         if _captured is not None:
             launch_kwargs = {k: v for k, v in self.consts.items() if k not in COMPILE_OPTIONS}
