@@ -73,7 +73,7 @@ STEPS = (
                       "offsets, float64 chunked references (~10 GB read per layout)"),
     Step("memcheck", 30, "compute-sanitizer starts torch slowly (~10 s) and instruments each "
                          "of ~12 kernel compiles and launches"),
-    Step("bench", 75, "tritonbn and torch eager, 5 ops x 2 dtypes x 2 layouts per shape: "
+    Step("bench", 70, "tritonbn and torch eager, 5 ops x 2 dtypes x 2 layouts per shape: "
                       "~0.1 s per measurement plus ~30 kernel compiles for the first shape, "
                       "fewer after; the step stops before a shape it cannot finish"),
     Step("host", 15, "host time per call: 4 cases x 3 figures x 3 rounds x 300 calls of a few "
@@ -84,11 +84,14 @@ STEPS = (
                        "timed steps each (~0.1 s per step at 256) after compiling the kernels "
                        "of ~15 batch-norm shapes"),
     Step("tune", 20, "3 problems x 5 plans, each compiled (~1 s) and timed"),
-    Step("bench_compile", 40, "torch.compile (inductor) compiles one graph per case and op: "
+    Step("bench_compile", 35, "torch.compile (inductor) compiles one graph per case and op: "
                               "~10 s for the first, a few seconds each after"),
-    Step("resnet_compiled", 55, "inductor compiles a ResNet-50 training step in about a minute "
+    Step("resnet_compiled", 50, "inductor compiles a ResNet-50 training step in about a minute "
                                 "on 16 cores: at most one or two variants fit"),
-    Step("pytest_numerics", 30, "204 numerics tests, most of them compiling a specialization; "
+    Step("triton_op", 25, "TRITONBN_COMPILED=triton_op (opt-in until this step has passed on a "
+                          "GPU): inductor compiles two 8-layer training steps (~10 s each) "
+                          "checked against eager, then host time per layer"),
+    Step("pytest_numerics", 20, "204 numerics tests, most of them compiling a specialization; "
                                 "least urgent (the interpreter runs them in every CI): a cut "
                                 "run still lists every test that finished"),
 )

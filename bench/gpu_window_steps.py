@@ -1143,6 +1143,160 @@ def step_resnet_compiled(ctx: Ctx) -> None:
     _resnet_step(ctx, compiled=True)
 
 
+# ------------------------------------------------------------------------------ triton_op
+
+TRITON_OP_LAYERS = 8        # BatchNormAct2d layers in the compiled model (as bench.host's)
+TRITON_OP_CASES = (         # (shape, dtype, memory format) of the checked training steps
+    ((32, 64, 56, 56), "float16", "channels_last"),
+    ((32, 256, 14, 14), "float32", "contiguous"),
+)
+DRY_TRITON_OP_CASES = (((4, 6, 5, 3), "float32", "contiguous"),)
+
+
+def step_triton_op(ctx: Ctx) -> None:
+    """``TRITONBN_COMPILED=triton_op`` -- opt-in until a GPU has run it: a training step of
+    BatchNormAct2d layers under torch.compile (inductor), whose graphs then hold tritonbn's
+    kernels as user-defined Triton kernels, checked against the same step eager (loss, input
+    and parameter gradients, running statistics); on a GPU also host time per layer compiled
+    against eager, and mode="reduce-overhead" (CUDA graphs). Dry run: the AOT graphs recorded
+    and run with the kernels in Triton's interpreter (bench/compiled_graph.py)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The dry run interprets every kernel of the process, and torch traces only compiled
+        # ones into a graph: this step runs again in a process without it (CPU tensors still
+        # run the kernels interpreted), and its result is that process's.
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env=env)
+        with open(ctx.path("result.json")) as f:
+            ctx.result = json.load(f)
+        return
+    os.environ["TRITONBN_COMPILED"] = "triton_op"     # read when tritonbn is imported
+    import torch
+
+    import tritonbn
+    from bench import compiled_graph
+    from tritonbn import _runtime
+
+    gpu = _gpu()
+    device = "cuda" if gpu else "cpu"
+    s = ctx.result["summary"]
+    s.update(form=_runtime.compiled_form(), device=device, layers=TRITON_OP_LAYERS,
+             backend="inductor" if gpu else "aot_autograd (recorded, interpreted)", cases=[])
+    ok = s["form"] == "triton_op"
+    for shape, dtype_name, layout in (TRITON_OP_CASES if gpu else DRY_TRITON_OP_CASES):
+        if ctx.left() < 5:
+            ctx.note(f"{shape}: not run, the step's budget ended")
+            ok = False
+            break
+        case = {"shape": "x".join(map(str, shape)), "dtype": dtype_name, "layout": layout}
+        s["cases"].append(case)
+        try:
+            case.update(_triton_op_case(shape, getattr(torch, dtype_name), layout, gpu,
+                                        torch, tritonbn, compiled_graph))
+        except Exception as e:  # a failure is the finding; the next case still runs
+            case["error"] = _err(e)
+        ok = ok and case.get("ok", False)
+        ctx.save()
+    if gpu and ctx.left() > 10:
+        try:
+            s["host"] = _triton_op_host(torch, tritonbn)
+        except Exception as e:
+            s["host"] = {"error": _err(e)}
+        ctx.save()
+    elif not gpu:
+        ctx.note("no GPU: inductor cannot compile Triton kernels for CPU tensors; the graphs "
+                 "were recorded and run interpreted, and no host time was taken")
+    ctx.save("ok" if ok else "failed")
+
+
+def _triton_op_model(torch, tritonbn, channels: int):
+    return torch.nn.Sequential(*(tritonbn.BatchNormAct2d(channels, activation="relu")
+                                 for _ in range(TRITON_OP_LAYERS)))
+
+
+def _triton_op_case(shape, dtype, layout, gpu, torch, tritonbn, compiled_graph) -> dict:
+    device = "cuda" if gpu else "cpu"
+    torch.manual_seed(0)
+    model = _triton_op_model(torch, tritonbn, shape[1]).to(device)
+    eager = copy.deepcopy(model)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt)
+    xe = x.clone().requires_grad_()
+    x.requires_grad_()
+    graphs: dict = {}
+    torch._dynamo.reset()
+    if gpu:
+        from torch._inductor.utils import run_and_get_code
+        compiled = torch.compile(model, backend="inductor", fullgraph=True)
+        _, code = run_and_get_code(lambda: compiled(x).float().square().mean().backward())
+        text = "\n".join(code)
+        found = sorted({k for k in _KERNEL_NAMES if k in text})
+        opaque = "tritonbn.batch_norm" in text or "tritonbn::batch_norm" in text
+    else:
+        backend = compiled_graph.recording_backend(graphs, interpreted_kernels=True)
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        with compiled_graph.target_only():
+            compiled(x).float().square().mean().backward()
+        found = sorted(set(compiled_graph.kernels(graphs["forward"])
+                           + compiled_graph.kernels(graphs["backward"])))
+        opaque = any("tritonbn" in op for gm in graphs.values() for op in compiled_graph.ops(gm))
+    eager(xe).float().square().mean().backward()
+    _sync()
+
+    def rel(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / max(b.norm(), 1e-30))
+    errors = {"input_grad": rel(x.grad, xe.grad)}
+    for (name, a), (_, b) in zip(model.state_dict().items(), eager.state_dict().items()):
+        if a.is_floating_point():
+            errors[name] = rel(a, b)
+    for (name, a), (_, b) in zip(model.named_parameters(), eager.named_parameters()):
+        errors[name + ".grad"] = rel(a.grad, b.grad)
+    worst = max(errors.values())
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    return {"kernels_in_graph": found, "opaque_op_in_graph": opaque,
+            "worst_rel_error": worst, "limit": limit, "errors_over_limit": sorted(
+                k for k, v in errors.items() if v > limit),
+            "ok": bool(found) and not opaque and worst <= limit}
+
+
+_KERNEL_NAMES = ("bn_fwd_onepass_kernel", "bn_stats_partial_kernel", "bn_fwd_apply_kernel",
+                 "bn_bwd_onepass_kernel", "bn_bwd_partial_kernel", "bn_bwd_apply_kernel",
+                 "bn_merge_partials_kernel")
+
+
+def _triton_op_host(torch, tritonbn) -> dict:
+    """Host time per layer of bench.host's compiled row (a training forward of an 8-layer
+    model on a tiny tensor, no synchronization): eager, compiled, and compiled with
+    mode="reduce-overhead" (CUDA graphs)."""
+    model = _triton_op_model(torch, tritonbn, 8).cuda()
+    x = torch.randn(4, 8, 4, 4, device="cuda", requires_grad=True)
+    out = {}
+    for name, fn in (("eager", model),
+                     ("compiled", torch.compile(model, fullgraph=True)),
+                     ("reduce_overhead", torch.compile(model, fullgraph=True,
+                                                       mode="reduce-overhead"))):
+        try:
+            for _ in range(3):
+                fn(x)
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn(x)
+                times.append((time.perf_counter() - t0) / 200 / TRITON_OP_LAYERS * 1e6)
+            torch.cuda.synchronize()
+            out[name + "_us_per_layer"] = round(statistics.median(times), 1)
+        except Exception as e:
+            out[name + "_error"] = _err(e)
+    if "eager_us_per_layer" in out:
+        for name in ("compiled", "reduce_overhead"):
+            if name + "_us_per_layer" in out:
+                out[name + "_vs_eager"] = round(out[name + "_us_per_layer"]
+                                                / out["eager_us_per_layer"], 2)
+    return out
+
+
 # ----------------------------------------------------------------------------------- tune
 
 def worst_problems(rows: list, k: int = 3) -> list:
@@ -1375,6 +1529,7 @@ STEPS = {
     "tune": step_tune,
     "bench_compile": step_bench_compile,
     "resnet_compiled": step_resnet_compiled,
+    "triton_op": step_triton_op,
     "pytest_numerics": step_pytest_numerics,
     "selftest_sleep": step_selftest_sleep,
     "selftest_ok": step_selftest_ok,

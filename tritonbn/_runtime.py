@@ -94,21 +94,6 @@ _interpreted = None
 _warned = False
 
 
-def _compiled_form_from_env() -> str:
-    form = os.environ.get(COMPILED_ENV, "custom_op")
-    if form not in COMPILED_FORMS:
-        raise ValueError(f"{COMPILED_ENV} must be one of {COMPILED_FORMS}, got {form!r}")
-    return form
-
-
-_COMPILED_FORM = _compiled_form_from_env()
-
-
-def compiled_form() -> str:
-    """How compiled graphs reach the kernels: "custom_op" or "triton_op" (module docstring)."""
-    return _COMPILED_FORM
-
-
 def compiled_kernels():
     """The compiled kernels (``tritonbn.kernels``), whatever the tensors' device: what a traced
     ``triton_op`` body hands the compiler."""
@@ -119,6 +104,25 @@ def cuda_interpreted() -> bool:
     """Whether CUDA tensors' kernels run in Triton's interpreter too (TRITON_INTERPRET=1 was set
     for the whole process when the kernels were defined)."""
     return not hasattr(_compiled.bn_fwd_apply_kernel, "device_caches")
+
+
+def _compiled_form_from_env() -> str:
+    form = os.environ.get(COMPILED_ENV, "custom_op")
+    if form not in COMPILED_FORMS:
+        raise ValueError(f"{COMPILED_ENV} must be one of {COMPILED_FORMS}, got {form!r}")
+    return form
+
+
+# torch traces only compiled kernels into a graph: a process that interprets every kernel
+# (TRITON_INTERPRET=1) keeps the custom ops
+_COMPILED_FORM = _compiled_form_from_env()
+if cuda_interpreted():
+    _COMPILED_FORM = "custom_op"
+
+
+def compiled_form() -> str:
+    """How compiled graphs reach the kernels: "custom_op" or "triton_op" (module docstring)."""
+    return _COMPILED_FORM
 
 
 def cpu_runs_kernels() -> bool:

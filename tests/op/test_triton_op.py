@@ -6,91 +6,32 @@ nodes, and the graphs run with each kernel in Triton's interpreter against the e
 
 Without a GPU, Triton has no target to compile the kernels' TTIR for, which torch's analysis of
 what a kernel writes needs: the tests answer Triton's ``get_current_target`` with an sm_90
-target (nothing is compiled to a binary or launched on a device)."""
-import contextlib
-
+target (nothing is compiled to a binary or launched on a device); bench/compiled_graph.py."""
 import pytest
 import torch
-from torch._dynamo.backends.common import aot_autograd
-from torch._higher_order_ops import triton_kernel_wrap
-from triton.backends.compiler import GPUTarget
-from triton.runtime.driver import driver as triton_driver
 
 import tritonbn
+from bench.compiled_graph import kernels as _kernels, ops as _ops, recording_backend, target_only
 from tritonbn import _runtime
 from tritonbn import plan as planner
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-class _TargetOnly:
-    """A Triton driver that only names a target."""
-
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def __getattr__(self, name):
-        raise RuntimeError(f"no {name}: no GPU in this test")
-
-
 @pytest.fixture
 def form(monkeypatch):
-    """Choose the compiled form for one test (the environment variable is read at import)."""
+    """Choose the compiled form for one test (the environment variable is read at import),
+    with a Triton target for torch's analysis of the kernels."""
     def choose(name: str):
         monkeypatch.setattr(_runtime, "_COMPILED_FORM", name)
-        monkeypatch.setattr(triton_driver, "_active", _TargetOnly())
         torch._dynamo.reset()
-    yield choose
+    with target_only():
+        yield choose
     torch._dynamo.reset()
 
 
-def _kernels(gm) -> list[str]:
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
-            k = triton_kernel_wrap.kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
-            out.append(getattr(k, "fn", k).fn.__name__)    # num_warps= makes an Autotuner
-    return out
-
-
-def _ops(gm) -> set[str]:
-    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-
-
-@contextlib.contextmanager
-def _interpreted():
-    """While a recorded graph runs, the side table hands out tritonbn's interpreted kernel of
-    the same name for each compiled one (not while compiling: torch analyses the compiled)."""
-    table = triton_kernel_wrap.kernel_side_table
-    real, cpu = table.get_kernel, _runtime.kernels_for(torch.device("cpu"))
-
-    def get_kernel(idx):
-        k = real(idx)
-        return getattr(cpu, getattr(k, "fn", k).fn.__name__)
-    table.get_kernel = get_kernel
-    try:
-        yield
-    finally:
-        table.get_kernel = real
-
-
 def _recording_backend(graphs: dict):
-    """AOTAutograd with compilers that record the forward and backward graphs and run them
-    with the kernels interpreted."""
-    def recorder(name):
-        def compiler(gm, example_inputs):
-            graphs[name] = gm
-
-            def run(args):
-                with _interpreted():
-                    return gm(*args)
-            run._boxed_call = True
-            return run
-        return compiler
-    return aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"))
+    return recording_backend(graphs, interpreted_kernels=True)
 
 
 def _step(module, x, r):
@@ -154,3 +95,45 @@ def test_the_compiled_form_is_checked(monkeypatch):
         _runtime._compiled_form_from_env()
     monkeypatch.setenv(_runtime.COMPILED_ENV, "triton_op")
     assert _runtime._compiled_form_from_env() == "triton_op"
+
+
+def _plain_step(module, x):
+    return (module(x).float() ** 2).sum()
+
+
+VARIANTS = {
+    "eval": (lambda: tritonbn.BatchNorm2d(6).eval(), torch.float32, torch.contiguous_format),
+    "renorm": (lambda: tritonbn.BatchRenorm2d(6), torch.float32, torch.contiguous_format),
+    "cumulative": (lambda: tritonbn.BatchNorm2d(6, momentum=None), torch.float32,
+                   torch.contiguous_format),
+    "float16 channels-last": (lambda: tritonbn.BatchNorm2d(6), torch.float16,
+                              torch.channels_last),
+    "frozen": (lambda: tritonbn.FrozenBatchNorm2d(6), torch.float32, torch.contiguous_format),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_variant_compiles_to_its_kernels(form, name):
+    form("triton_op")
+    make, dtype, memory_format = VARIANTS[name]
+    torch.manual_seed(0)
+    ours, eager = make(), make()
+    with torch.no_grad():
+        for t in (*ours.parameters(), *ours.buffers()):
+            if t.is_floating_point():
+                t.uniform_(0.5, 1.5)
+    eager.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 6, 5, 3).to(dtype).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    xe = x.detach().clone().requires_grad_()
+    graphs: dict = {}
+    loss = torch.compile(_plain_step, backend=_recording_backend(graphs), fullgraph=True)(ours, x)
+    loss.backward()
+    _plain_step(eager, xe).backward()
+    assert _kernels(graphs["forward"]) and _kernels(graphs["backward"])
+    for gm in graphs.values():
+        assert not any("tritonbn" in op for op in _ops(gm)), _ops(gm)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(x.grad, xe.grad, **tol)
+    for (n, a), (_, b) in zip(ours.state_dict().items(), eager.state_dict().items()):
+        torch.testing.assert_close(a, b, **tol, msg=n)
