@@ -227,7 +227,7 @@ _one_at_a_time = threading.Lock()
 
 
 class _InterpretedKernel:
-    """A kernel of the interpreted copy, launched as ``kernel[grid](*args, **constants)``."""
+    """A kernel of the interpreted copy, launched as ``kernel[grid](**arguments)``."""
 
     def __init__(self, kernel):
         self.kernel, self.fn = kernel, kernel.fn

@@ -27,9 +27,10 @@ module expects (a Triton whose internals differ).
 from __future__ import annotations
 
 import functools
+import itertools
 
 
-__all__ = ["launch", "scalar_key", "Constants"]
+__all__ = ["launch", "by_name", "scalar_key", "Constants"]
 
 _NOT_SUPPORTED = object()
 
@@ -80,8 +81,9 @@ def _pointers(tensors: tuple) -> tuple[tuple, list]:
     """(codes, addresses) of the pointer arguments. A code is the tensor's dtype and 16-byte
     alignment as one int (-1 for None); the addresses are what the launcher takes (None stays
     None). Handing the launcher addresses instead of tensors spares it a ``data_ptr()`` call
-    and a driver query per pointer: the tensors were checked to be on the kernel's device
-    before any launch (tritonbn/validate.py), which is what that query would tell."""
+    and a driver query per pointer: every tensor of a call was checked to be on the input's
+    device before any launch (tritonbn/validate.py), CUDA for compiled kernels, which is all
+    the query checks (it refuses memory no GPU can address, not another GPU's)."""
     codes, addresses = [], []
     for t in tensors:
         if t is None:
@@ -91,13 +93,14 @@ def _pointers(tensors: tuple) -> tuple[tuple, list]:
             address = t.data_ptr()
             dt = _DTYPES.get(t.dtype)
             if dt is None:
-                dt = _DTYPES.setdefault(t.dtype, len(_DTYPES))
+                dt = _DTYPES.setdefault(t.dtype, next(_numbers))
             codes.append(2 * dt + (address % 16 == 0))
             addresses.append(address)
     return tuple(codes), addresses
 
 
 _scalar_keys: dict = {}   # (integer codes, constants) -> a small int, hashed once
+_numbers = itertools.count()    # their numbers: next() is atomic, len() then insert is not
 
 
 def scalar_key(ints: tuple, constants: Constants) -> int:
@@ -107,20 +110,31 @@ def scalar_key(ints: tuple, constants: Constants) -> int:
     key = (_int_codes(ints), constants.key)
     found = _scalar_keys.get(key)
     if found is None:
-        found = _scalar_keys.setdefault(key, len(_scalar_keys))
+        found = _scalar_keys.setdefault(key, next(_numbers))
     return found
+
+
+def by_name(kernel, tensors: tuple, ints: tuple, floats: tuple) -> dict:
+    """The runtime arguments under the kernel's own parameter names (they come in its order)."""
+    return dict(zip(kernel.arg_names, (*tensors, *ints, *floats)))
 
 
 def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
            constants: Constants, scalars: int | None = None) -> None:
-    """Launch ``kernel[grid](*tensors, *ints, *floats, **constants)`` -- directly when this
+    """Launch ``kernel[grid](**arguments by name, **constants)`` -- directly when this
     specialization has been launched before. ``scalars``: ``scalar_key(ints, constants)``,
     when the caller kept it."""
-    if _knobs is None or not hasattr(kernel, "device_caches") \
-            or not (_quiet(_knobs.launch_enter_hook) and _quiet(_knobs.launch_exit_hook)):
-        kernel[grid](*tensors, *ints, *floats, **constants)
+    if _knobs is None or not hasattr(kernel, "device_caches"):
+        kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
         return
-    device = _driver.active.get_current_device()
+    enter, leave = _knobs.launch_enter_hook, _knobs.launch_exit_hook
+    # (_quiet written out: this runs on every launch)
+    if not ((enter is None or (type(enter) is _HookChain and not enter.calls))
+            and (leave is None or (type(leave) is _HookChain and not leave.calls))):
+        kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
+        return
+    active = _driver.active
+    device = active.get_current_device()
     codes, addresses = _pointers(tensors)
     key = (device, codes, scalars if scalars is not None else scalar_key(ints, constants))
     entries = _cache.get(id(kernel))
@@ -129,14 +143,14 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
         entries = _cache[id(kernel)] = {}
     entry = entries.get(key)
     if entry is None or entry is _NOT_SUPPORTED:
-        compiled = kernel[grid](*tensors, *ints, *floats, **constants)
+        compiled = kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
         if entry is None:
             entries[key] = _entry(kernel, compiled, constants)
         return
     launcher, function, packed_metadata, tail = entry
     grid_1 = grid[1] if len(grid) > 1 else 1
     grid_2 = grid[2] if len(grid) > 2 else 1
-    launcher(grid[0], grid_1, grid_2, _driver.active.get_current_stream(device), function,
+    launcher(grid[0], grid_1, grid_2, active.get_current_stream(device), function,
              packed_metadata, None, None, None, *addresses, *ints, *floats, *tail)
 
 

@@ -7,6 +7,8 @@ import importlib
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from tritonbn import launch
 from tritonbn import plan as planner
@@ -185,3 +187,55 @@ def test_kept_calls_compute_what_fresh_ones_do(device):
     for later in results[1:]:
         for a, b_ in zip(results[0], later):
             assert torch.equal(a, b_)
+
+
+# ------------------------------------------------------------------- synchronized statistics
+# A synchronized forward's launches depend on its group's world size (one partial per
+# process), and a group's name outlives the group: a process that destroys its default group
+# and makes one of another size gets the same name ("0").
+
+C = 3
+
+
+def _input(rank: int) -> torch.Tensor:
+    return torch.randn(4, C, 2, 2, generator=torch.Generator().manual_seed(rank))
+
+
+def _sync_forward(x: torch.Tensor):
+    import tritonbn
+    rm, rv = torch.zeros(C), torch.ones(C)
+    y = tritonbn.sync_batch_norm(x, rm, rv, None, None, 0.1, 1e-5)
+    return y, rm, rv
+
+
+def _worker(rank: int, init_dir: str, result: str) -> None:
+    x = _input(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_dir}/two", rank=rank,
+                            world_size=2)
+    try:
+        name_two = dist.group.WORLD.group_name
+        _sync_forward(x)                          # kept: a call synchronized over 2 processes
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    dist.init_process_group("gloo", init_method=f"file://{init_dir}/one", rank=0, world_size=1)
+    try:
+        name_one = dist.group.WORLD.group_name
+        y, rm, rv = _sync_forward(x)              # the same kind of call, now over 1 process
+    finally:
+        dist.destroy_process_group()
+    torch.save({"names": (name_two, name_one), "y": y, "rm": rm, "rv": rv}, result)
+
+
+def test_a_kept_synchronized_call_follows_its_groups_world_size(tmp_path):
+    result = str(tmp_path / "result.pt")
+    mp.spawn(_worker, args=(str(tmp_path), result), nprocs=2)
+    out = torch.load(result)
+    assert out["names"][0] == out["names"][1], "the test needs the group name to repeat"
+    x = _input(0)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    expected = torch.nn.functional.batch_norm(x, rm, rv, training=True, momentum=0.1, eps=1e-5)
+    torch.testing.assert_close(out["y"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["rm"], rm, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out["rv"], rv, atol=1e-6, rtol=1e-5)

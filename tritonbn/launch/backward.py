@@ -21,7 +21,7 @@ from ..layout import empty_output
 from ..options import BackwardArgs, Options
 from . import run
 from .merge import merge_partials, sums_over_processes
-from .planning import contiguous, geometry, plan as make_plan, tl_acc, traced, view_or_copy
+from .planning import geometry, plan as make_plan, tl_acc, traced, view_or_copy
 from .run import constants
 
 __all__ = ["backward"]
@@ -107,9 +107,10 @@ _calls = run.kept_calls()
 
 
 def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db, dres) -> None:
-    x, residual, dy = a.input, a.residual, a.grad_output
+    x, residual, dy, w, b = a.input, a.residual, a.grad_output, a.weight, a.bias
     rd = a.save_rd if a.save_rd is not None and a.save_rd.numel() else None
-    if traced(x):       # a triton_op body traced once by torch.compile: nothing to keep
+    if type(x) is not torch.Tensor and traced(x):   # a triton_op body being traced:
+        # once per compile, nothing to keep
         call = _backward_call(a, o, param_grads, dx, dres, rd)
     else:
         key = (o, param_grads, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
@@ -129,7 +130,9 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
     pointers = {
         "X": x, "DY": dy, "DX": dx, "RES": residual, "DRES": dres,
         "MEAN": a.save_mean, "INVSTD": a.save_invstd,
-        "W": contiguous(a.weight), "B": contiguous(a.bias), "SAVE_RD": rd, "DW": dw, "DB": db,
+        "W": w if w is None or w.is_contiguous() else w.contiguous(),   # indexed flat
+        "B": b if b is None or b.is_contiguous() else b.contiguous(),
+        "SAVE_RD": rd, "DW": dw, "DB": db,
         "PART": None}
     if call.onepass is not None:
         call.onepass(pointers)

@@ -20,7 +20,7 @@ from ..layout import empty_output
 from ..options import ForwardArgs, Options
 from . import run
 from .merge import gather_moments, merge_partials, world_size
-from .planning import contiguous, geometry, plan as make_plan, tl_acc, traced, view_or_copy
+from .planning import geometry, plan as make_plan, tl_acc, traced, view_or_copy
 from .run import constants
 from .updates import Updates
 
@@ -153,16 +153,18 @@ _calls = run.kept_calls()
 
 
 def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
-    x, res = a.input, a.residual
+    x, res, w, b = a.input, a.residual, a.weight, a.bias
     reads, writes = upd.reads, upd.writes
-    if traced(x):       # a triton_op body traced once by torch.compile: nothing to keep
+    if type(x) is not torch.Tensor and traced(x):   # a triton_op body being traced:
+        # once per compile, nothing to keep
         call = _forward_call(a, o, y, saves[0], reads)
     else:
         key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
                None if res is None else (res.stride(), res.dtype, res.data_ptr() % 16 == 0),
                a.weight is not None, a.bias is not None, reads["running_mean"] is not None,
                reads["channel_batches"] is not None, a.overflow_count is not None,
-               planner.state())
+               # a group's name outlives it: a new default group of another size is "0" too
+               None if o.group is None else world_size(o.group), planner.state())
         call = _calls.get(key)
         if call is None:
             call = _forward_call(a, o, y, saves[0], reads)
@@ -178,7 +180,8 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
         "NEW_MEAN": writes["running_mean"], "NEW_VAR": writes["running_var"],
         "BATCHES": a.batches if call.reads_batches else None,
         "CH_BATCHES": reads["channel_batches"], "NEW_CH_BATCHES": writes["channel_batches"],
-        "W": contiguous(a.weight), "B": contiguous(a.bias),
+        "W": w if w is None or w.is_contiguous() else w.contiguous(),   # indexed flat
+        "B": b if b is None or b.is_contiguous() else b.contiguous(),
         "SAVE_MEAN": save_mean, "SAVE_INVSTD": save_invstd, "SAVE_RD": save_rd,
         "OVF_COUNT": writes["overflow_count"], "OVF_MAX": writes["overflow_max"], "PART": None}
     if call.onepass is not None:

@@ -14,7 +14,7 @@ from .. import plan as planner
 from ..layout import max_offset, plane_view
 
 __all__ = ["acc_dtype", "tl_acc", "view_or_copy", "plan", "Planned", "plan_for", "geometry",
-           "contiguous", "traced", "aligned16"]
+           "traced", "aligned16"]
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,8 +118,3 @@ def geometry(view, names: tuple) -> dict:
         strides = view.strides[i] if i < len(view.strides) else (None, None, None)
         out.update(zip((f"stride_{name}n", f"stride_{name}c", f"stride_{name}s"), strides))
     return out
-
-
-def contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Per-channel tensors are indexed flat by the kernels."""
-    return t if t is None or t.is_contiguous() else t.contiguous()

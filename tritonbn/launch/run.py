@@ -152,11 +152,12 @@ class Launch:
 
     def __call__(self, pointers: Mapping) -> None:
         tensors = self._pointers(pointers)
-        if traced(tensors[0]):
+        if type(tensors[0]) is not torch.Tensor and traced(tensors[0]):
             # a triton_op body traced by torch.compile: the launch goes into the graph, as a
             # user-defined Triton kernel (the compiled one, whatever the tensors' device)
             kernel = getattr(_runtime.compiled_kernels(), self.name)
-            wrap_triton(kernel)[self.grid](*tensors, *self.ints, *self.floats, **self.consts)
+            wrap_triton(kernel)[self.grid](
+                **direct_launch.by_name(kernel, tensors, self.ints, self.floats), **self.consts)
             return
         kernel = getattr(_runtime.kernels_for(tensors[0].device), self.name)
         if _captured is not None:
