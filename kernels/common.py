@@ -166,7 +166,7 @@ def scalar(v, ACC: tl.constexpr):
 @triton.jit
 def running_weight(
     BATCHES,            # pointer to the module's batch count, 0-d int64 (CUMULATIVE == 1), or None
-    CH_BATCHES,         # pointer to per-channel batch counts, (C,) int64 (CUMULATIVE == 2), or None
+    RUNNING_COUNT,      # pointer to per-channel batch counts, (C,) int64 (CUMULATIVE == 2), or None
     c, cmask,           # channel indices and which exist
     momentum,           # the weight when CUMULATIVE == 0 (float64 argument)
     ACC: tl.constexpr,
@@ -180,7 +180,7 @@ def running_weight(
         seen = tl.load(BATCHES).to(ACC)
         weight = tl.full((BLOCK_C,), 1.0, ACC) / (seen + 1.0)
     elif CUMULATIVE == 2:
-        seen = tl.load(CH_BATCHES + c, mask=cmask, other=0).to(ACC)
+        seen = tl.load(RUNNING_COUNT + c, mask=cmask, other=0).to(ACC)
         weight = 1.0 / (seen + 1.0)
     else:
         weight = tl.full((BLOCK_C,), momentum, ACC)
@@ -194,8 +194,8 @@ def update_running(
     NEW_MEAN,           # pointer the updated running mean is written to (RUN_MEAN for in place)
     NEW_VAR,            # pointer the updated running variance is written to
     BATCHES,            # module batch count (CUMULATIVE == 1), or None
-    CH_BATCHES,         # per-channel batch counts (CUMULATIVE == 2), or None
-    NEW_CH_BATCHES,     # where the incremented per-channel counts go (CUMULATIVE == 2), or None
+    RUNNING_COUNT,      # per-channel batch counts (CUMULATIVE == 2), or None
+    NEW_RUNNING_COUNT,  # where the incremented per-channel counts go (CUMULATIVE == 2), or None
     c,                  # channel indices, (BLOCK_C,)
     cmask,              # which of them exist
     mean,               # batch mean, (BLOCK_C,), accumulation dtype
@@ -212,7 +212,7 @@ def update_running(
     rm = tl.load(RUN_MEAN + c, mask=cmask, other=0.0).to(acc)
     rv = tl.load(RUN_VAR + c, mask=cmask, other=0.0).to(acc)
     unbiased = m2 / tl.maximum(count - 1.0, 1.0)
-    weight = running_weight(BATCHES, CH_BATCHES, c, cmask, momentum, acc, BLOCK_C, CUMULATIVE)
+    weight = running_weight(BATCHES, RUNNING_COUNT, c, cmask, momentum, acc, BLOCK_C, CUMULATIVE)
     new_rm = rm * (1.0 - weight) + mean * weight
     new_rv = rv * (1.0 - weight) + unbiased * weight
     if SKIP_NONFINITE:
@@ -223,8 +223,8 @@ def update_running(
     else:
         ok = cmask
     if CUMULATIVE == 2:
-        seen = tl.load(CH_BATCHES + c, mask=cmask, other=0)
-        tl.store(NEW_CH_BATCHES + c, seen + ok.to(seen.dtype), mask=cmask)
+        seen = tl.load(RUNNING_COUNT + c, mask=cmask, other=0)
+        tl.store(NEW_RUNNING_COUNT + c, seen + ok.to(seen.dtype), mask=cmask)
     tl.store(NEW_MEAN + c, fit(new_rm, NEW_MEAN.dtype.element_ty, SATURATE), mask=cmask)
     tl.store(NEW_VAR + c, fit(new_rv, NEW_VAR.dtype.element_ty, SATURATE), mask=cmask)
 
@@ -314,7 +314,7 @@ def finish_batch_stats(
     RUN_MEAN, RUN_VAR,          # running statistics as before this step (read)
     NEW_MEAN, NEW_VAR,          # where the updated running statistics go (when UPDATE_RUNNING)
     BATCHES,                    # module batch count (CUMULATIVE == 1 or renorm WARMUP), or None
-    CH_BATCHES, NEW_CH_BATCHES, # per-channel batch counts (CUMULATIVE == 2), or None
+    RUNNING_COUNT, NEW_RUNNING_COUNT,  # per-channel batch counts (CUMULATIVE == 2), or None
     SAVE_MEAN, SAVE_INVSTD,     # (C,) ACC outputs
     SAVE_RD,                    # (2, C) ACC output: renorm r and d, or None
     write,                      # whether this program writes the per-channel outputs
@@ -344,8 +344,8 @@ def finish_batch_stats(
             tl.store(SAVE_RD + c, r, mask=cmask)
             tl.store(SAVE_RD + C + c, d, mask=cmask)
         if UPDATE_RUNNING:
-            update_running(RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES, CH_BATCHES,
-                           NEW_CH_BATCHES, c, cmask, mean, m2, count, momentum, BLOCK_C,
+            update_running(RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES, RUNNING_COUNT,
+                           NEW_RUNNING_COUNT, c, cmask, mean, m2, count, momentum, BLOCK_C,
                            SKIP_NONFINITE, CUMULATIVE, SATURATE)
     return invstd, r, d
 

@@ -186,8 +186,8 @@ def bn_fwd_apply_kernel(
     NEW_MEAN,           # pointer the updated running mean goes to (RUN_MEAN: in place), or None
     NEW_VAR,            # pointer the updated running variance goes to, or None
     BATCHES,            # pointer to the module's batch count, 0-d int64, or None
-    CH_BATCHES,         # pointer to per-channel batch counts (C,) int64, or None
-    NEW_CH_BATCHES,     # pointer the incremented per-channel counts go to, or None
+    RUNNING_COUNT,      # pointer to per-channel batch counts (C,) int64, or None
+    NEW_RUNNING_COUNT,  # pointer the incremented per-channel counts go to, or None
     W,                  # pointer to gamma (C,) or None
     B,                  # pointer to beta (C,) or None
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
@@ -219,7 +219,7 @@ def bn_fwd_apply_kernel(
     RENORM: tl.constexpr,           # batch renormalization (training only)
     WARMUP: tl.constexpr,           # renorm warm-up read from BATCHES
     SKIP_NONFINITE: tl.constexpr,   # running stats keep channels whose batch stats are not finite
-    CUMULATIVE: tl.constexpr,       # 0 momentum; 1 from BATCHES; 2 from CH_BATCHES (running_weight)
+    CUMULATIVE: tl.constexpr,       # 0 momentum; 1 from BATCHES; 2 RUNNING_COUNT (running_weight)
     SATURATE: tl.constexpr,         # clamp finite results beyond the output dtype to +-max
     COUNT_OVERFLOW: tl.constexpr,   # accumulate OVF_COUNT / OVF_MAX
     SPLITS_P2: tl.constexpr,        # a power of two >= n_part_splits
@@ -245,7 +245,7 @@ def bn_fwd_apply_kernel(
         count, mean, m2 = merge_partials(PART, c, cmask, C, n_part_splits, ACC, True, SPLITS_P2)
         invstd, r, d = finish_batch_stats(
             count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES,
-            CH_BATCHES, NEW_CH_BATCHES, SAVE_MEAN, SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum,
+            RUNNING_COUNT, NEW_RUNNING_COUNT, SAVE_MEAN, SAVE_INVSTD, SAVE_RD, pid_k == 0, momentum,
             eps, rmax, dmax, warmup_steps, BLOCK_C, UPDATE_RUNNING, RENORM, WARMUP,
             SKIP_NONFINITE, CUMULATIVE, SATURATE)
     else:
@@ -301,8 +301,8 @@ def bn_fwd_onepass_kernel(
     NEW_MEAN,           # pointer the updated running mean goes to, or None
     NEW_VAR,            # pointer the updated running variance goes to, or None
     BATCHES,            # pointer to the module's batch count, 0-d int64, or None
-    CH_BATCHES,         # pointer to per-channel batch counts (C,) int64, or None
-    NEW_CH_BATCHES,     # pointer the incremented per-channel counts go to, or None
+    RUNNING_COUNT,      # pointer to per-channel batch counts (C,) int64, or None
+    NEW_RUNNING_COUNT,  # pointer the incremented per-channel counts go to, or None
     W,                  # pointer to gamma (C,) or None
     B,                  # pointer to beta (C,) or None
     SAVE_MEAN,          # pointer to the saved mean (C,), ACC
@@ -351,8 +351,8 @@ def bn_fwd_onepass_kernel(
     x = x.to(ACC)
     count, mean, m2 = tile_moments(x, mask, rmask)
     invstd, r, d = finish_batch_stats(
-        count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES, CH_BATCHES,
-        NEW_CH_BATCHES, SAVE_MEAN, SAVE_INVSTD, SAVE_RD, True, momentum, eps, rmax, dmax,
+        count, mean, m2, c, cmask, C, RUN_MEAN, RUN_VAR, NEW_MEAN, NEW_VAR, BATCHES, RUNNING_COUNT,
+        NEW_RUNNING_COUNT, SAVE_MEAN, SAVE_INVSTD, SAVE_RD, True, momentum, eps, rmax, dmax,
         warmup_steps, BLOCK_C, UPDATE_RUNNING, RENORM, WARMUP, SKIP_NONFINITE, CUMULATIVE,
         SATURATE)
 

@@ -73,16 +73,16 @@ def _flat(t: Optional[Tensor], numel: int) -> Optional[Tensor]:
 
 
 def run(input: Tensor, o: Options, running_mean=None, running_var=None, weight=None,
-        bias=None, residual=None, batches=None, channel_batches=None, overflow_stats=None,
+        bias=None, residual=None, batches=None, running_count=None, overflow_stats=None,
         per_activation: bool = False) -> Tensor:
     """Check the tensors of a call with options ``o`` and run it; returns y. The running
     statistics and counters are updated in place (whatever their strides or shape).
     ``per_activation``: every per-channel tensor is per (channel, position) feature instead."""
     check_tensors(input, o, running_mean, running_var, weight, bias, residual, batches,
-                  channel_batches, overflow_stats, per_activation)
+                  running_count, overflow_stats, per_activation)
     counters = (None, None) if overflow_stats is None else (overflow_stats.count,
                                                            overflow_stats.max_abs)
-    features = (running_mean, running_var, channel_batches, *counters)
+    features = (running_mean, running_var, running_count, *counters)
     if per_activation and input.dim() > 2:
         return _per_activation(input, o, weight, bias, residual, batches, features)
     c = input.shape[1]
@@ -172,7 +172,7 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
     o = options(training, momentum, eps, activation, negative_slope, overflow=overflow,
                 nonfinite_stats=nonfinite_stats)
     return run(input, o, running_mean, running_var, weight, bias, residual,
-               channel_batches=running_count, overflow_stats=overflow_stats,
+               running_count=running_count, overflow_stats=overflow_stats,
                per_activation=_mode(mode))
 
 

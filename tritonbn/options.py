@@ -110,7 +110,7 @@ FORWARD_ARGS = (
     TensorArg("running_mean", updated=True),
     TensorArg("running_var", updated=True),
     TensorArg("batches"),                    # the module's num_batches_tracked (0-d int64), read
-    TensorArg("channel_batches", updated=True),   # per-channel batch counts (C,) int64
+    TensorArg("running_count", updated=True),   # per-channel batch counts (C,) int64
     TensorArg("overflow_count", updated=True),    # per-channel counters (C,) int64, accumulated
     TensorArg("overflow_max", updated=True),      # per-channel max |y| (C,) float32
 )

@@ -90,17 +90,17 @@ class ForwardResult(NamedTuple):
     rd: torch.Tensor                    # (2, C) renorm r, d, or (0,)
     new_mean: Optional[torch.Tensor]    # float64 running statistics after the step
     new_var: Optional[torch.Tensor]
-    new_counts: Optional[torch.Tensor]  # per-channel batch counts after the step
+    new_count: Optional[torch.Tensor]  # per-channel batch counts after the step
 
 
 def forward_apply(a: ForwardArgs, o: Options, part: Optional[torch.Tensor],
                   running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                  channel_batches: Optional[torch.Tensor]) -> ForwardResult:
+                  running_count: Optional[torch.Tensor]) -> ForwardResult:
     """Normalize with the merged partial moments (training) or the running statistics (eval),
     and compute what the step does to the running statistics, as the kernels do."""
     x = a.input.double()
     c, device = x.shape[1], x.device
-    new_mean = new_var = new_counts = None
+    new_mean = new_var = new_count = None
     rd = x.new_zeros((0,))
     if o.training:
         count, mean, m2 = merge(part)
@@ -117,7 +117,7 @@ def forward_apply(a: ForwardArgs, o: Options, part: Optional[torch.Tensor],
             rd = torch.stack([r, d])
         if running_mean is not None:
             old_mean, old_var = running_mean.double(), running_var.double()
-            weight = _running_weight(a, o, channel_batches, c, device)
+            weight = _running_weight(a, o, running_count, c, device)
             unbiased = m2 / (count - 1).clamp(min=1.0)
             new_mean = (1 - weight) * old_mean + weight * mean.detach()
             new_var = (1 - weight) * old_var + weight * unbiased.detach()
@@ -126,15 +126,15 @@ def forward_apply(a: ForwardArgs, o: Options, part: Optional[torch.Tensor],
                 ok = torch.isfinite(mean) & torch.isfinite(unbiased)
                 new_mean = torch.where(ok, new_mean, old_mean)
                 new_var = torch.where(ok, new_var, old_var)
-            if o.cumulative and channel_batches is not None:
-                new_counts = channel_batches + ok.to(channel_batches.dtype)
+            if o.cumulative and running_count is not None:
+                new_count = running_count + ok.to(running_count.dtype)
     else:
         mean = running_mean.double()
         invstd = torch.rsqrt(running_var.double() + o.eps)
         r = d = None
     z = _preactivation(x, mean, invstd, a.weight, a.bias, r, d, a.residual)
     y = activations.apply(z, o.activation, o.negative_slope)
-    return ForwardResult(y, mean, invstd, rd, new_mean, new_var, new_counts)
+    return ForwardResult(y, mean, invstd, rd, new_mean, new_var, new_count)
 
 
 def _preactivation(x, mean, invstd, weight, bias, r, d, residual):
@@ -215,7 +215,7 @@ def batch_norm_reference(input, running_mean, running_var, weight=None, bias=Non
                 eps=eps, activation=activation, negative_slope=slope, renorm=renorm,
                 saturate=saturate, skip_nonfinite=skip_nonfinite)
     a = ForwardArgs(input, weight, bias, residual, running_mean, running_var,
-                    channel_batches=running_count)
+                    running_count=running_count)
     flat = [None if t is None else t.detach().reshape(-1) for t in (running_mean, running_var)]
     part = moments(input).unsqueeze(1) if training else None
     out = forward_apply(a, o, part, *flat, running_count)
@@ -225,6 +225,6 @@ def batch_norm_reference(input, running_mean, running_var, weight=None, bias=Non
             running_mean.copy_(fit(out.new_mean, running_mean.dtype, saturate)
                                .view_as(running_mean))
             running_var.copy_(fit(out.new_var, running_var.dtype, saturate).view_as(running_var))
-            if out.new_counts is not None:
-                running_count.copy_(out.new_counts)
+            if out.new_count is not None:
+                running_count.copy_(out.new_count)
     return out.y, out.mean, out.invstd

@@ -138,7 +138,7 @@ def _check_residual(residual, input: torch.Tensor) -> None:
 
 
 def check_tensors(input, o: Options, running_mean, running_var, weight, bias, residual,
-                  batches, channel_batches, overflow_stats, per_activation: bool) -> None:
+                  batches, running_count, overflow_stats, per_activation: bool) -> None:
     """``per_activation``: statistics per (channel, position), so parameters have C * S
     elements. Every call runs this: it is written for speed (locals, identity tests)."""
     if type(input) is not torch.Tensor and not isinstance(input, torch.Tensor):
@@ -177,7 +177,7 @@ def check_tensors(input, o: Options, running_mean, running_var, weight, bias, re
         _check_residual(residual, input)
     if batches is not None:
         _check_counter("batches", batches, device, 1, torch.int64)
-    if channel_batches is not None:
-        _check_counter("running_count", channel_batches, device, c, torch.int64)
+    if running_count is not None:
+        _check_counter("running_count", running_count, device, c, torch.int64)
     if overflow_stats is not None:
         overflow_stats.check(c, device)

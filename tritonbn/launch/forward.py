@@ -30,7 +30,7 @@ __all__ = ["forward"]
 def forward(a: ForwardArgs, o: Options, in_place: bool = True) -> tuple:
     """y = act(BN(x) + residual). Returns the op's outputs in FORWARD_OUTPUTS order:
     (y, save_mean, save_invstd, save_rd, new_running_mean, new_running_var,
-    new_channel_batches, new_overflow_count, new_overflow_max). Statistics are float32 (float64
+    new_running_count, new_overflow_count, new_overflow_max). Statistics are float32 (float64
     for float64 input); save_rd is renorm's (2, C) r and d, or None. A ``new_`` output is a
     tensor with the updated values, None in place or when the op does not update that argument."""
     x = a.input
@@ -66,13 +66,13 @@ def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> No
             part = gather_moments(part[:, 0], o.group)
     reads = upd.reads
     out = reference.forward_apply(a, o, part, reads["running_mean"], reads["running_var"],
-                                  reads["channel_batches"])
+                                  reads["running_count"])
     y.copy_(reference.fit(out.y, y.dtype, o.saturate))
     for t, v in zip(saves, (out.mean, out.invstd, out.rd)):
         if t is not None:
             t.copy_(v)
     for name, value in (("running_mean", out.new_mean), ("running_var", out.new_var),
-                        ("channel_batches", out.new_counts)):
+                        ("running_count", out.new_count)):
         write, u = upd.writes[name], upd.items[name]
         if write is not None:
             if value is None:
@@ -162,7 +162,7 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
         key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
                None if res is None else (res.stride(), res.dtype, res.data_ptr() % 16 == 0),
                a.weight is not None, a.bias is not None, reads["running_mean"] is not None,
-               reads["channel_batches"] is not None, a.overflow_count is not None,
+               reads["running_count"] is not None, a.overflow_count is not None,
                # a group's name outlives it: a new default group of another size is "0" too
                None if o.group is None else world_size(o.group), planner.state())
         call = _calls.get(key)
@@ -179,7 +179,7 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
         "RUN_MEAN": reads["running_mean"], "RUN_VAR": reads["running_var"],
         "NEW_MEAN": writes["running_mean"], "NEW_VAR": writes["running_var"],
         "BATCHES": a.batches if call.reads_batches else None,
-        "CH_BATCHES": reads["channel_batches"], "NEW_CH_BATCHES": writes["channel_batches"],
+        "RUNNING_COUNT": reads["running_count"], "NEW_RUNNING_COUNT": writes["running_count"],
         "W": w if w is None or w.is_contiguous() else w.contiguous(),   # indexed flat
         "B": b if b is None or b.is_contiguous() else b.contiguous(),
         "SAVE_MEAN": save_mean, "SAVE_INVSTD": save_invstd, "SAVE_RD": save_rd,
@@ -226,7 +226,7 @@ def _forward_call(a: ForwardArgs, o: Options, y, save_mean, reads) -> _ForwardCa
             n_part_splits = world_size(o.group) if o.group is not None else \
                 1 if merge else splits
     spec = _forward_spec(plan, o, save_mean.dtype is torch.float64, a.weight is not None,
-                         a.bias is not None, has_res, reads["channel_batches"] is not None,
+                         a.bias is not None, has_res, reads["running_count"] is not None,
                          a.overflow_count is not None,
                          o.training and reads["running_mean"] is not None,
                          1 if not part_shape else _splits_p2(splits, plan, o),

@@ -20,7 +20,7 @@ __all__ = ["UPDATES", "updated_names", "Updated", "Updates"]
 UPDATES = {
     "running_mean": lambda o: o.training,
     "running_var": lambda o: o.training,
-    "channel_batches": lambda o: o.training and o.cumulative,
+    "running_count": lambda o: o.training and o.cumulative,
     "overflow_count": lambda o: True,       # accumulated in eval too
     "overflow_max": lambda o: True,
 }

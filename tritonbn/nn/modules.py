@@ -89,13 +89,13 @@ class TritonNorm:
         # momentum=None and renorm's warm-up read the batch counter on the device (no host
         # sync); with nonfinite_stats="skip" each channel counts its own batches.
         reads_batches = counting and (momentum is None or self.warmup_steps > 0)
-        per_channel = (buffers.get("channel_batches_tracked") if counting and momentum is None
+        running_count = (buffers.get("channel_batches_tracked") if counting and momentum is None
                        and self.nonfinite_stats == "skip" else None)
         out = functional.run(
             input, o, running_mean if passed else None, running_var if passed else None,
             params.get("weight", buffers.get("weight")), params.get("bias", buffers.get("bias")),
             residual,
-            batches if reads_batches else None, per_channel, self.overflow_stats,
+            batches if reads_batches else None, running_count, self.overflow_stats,
             self.per_activation)
         if counting:
             # counted once the batch went through: a call the op rejects leaves the count alone
