@@ -14,7 +14,8 @@ speeds a model up or slows it down. Measured in one run, per call, median of rou
   only the driver's own work is missing (it is a few microseconds per launch on a GPU). Plans
   are then made for an H100, and CPU tensors stand in for device tensors;
 * ``torch``: torch's own module or function on the same tiny tensor, the yardstick (on the CPU
-  without a GPU, where a tensor this small costs almost nothing to compute), timed in turn
+  without a GPU, where a tensor this small costs almost nothing to compute, on one thread:
+  waking torch's intra-op thread pool is CPU-only work a GPU op does not do), timed in turn
   with the ``launch`` figure round by round, so that both see the same machine.
 
 Cases: a ``BatchNorm2d`` module's training forward, the functional training forward, the
@@ -168,6 +169,12 @@ def measure(calls: int = 2000, rounds: int = 5, compiled: bool = True) -> dict:
     h100 = planner.DeviceInfo("NVIDIA H100 (planned)", 132, (9, 0), False)
     plan_for = planner.planning_for(h100) if device == "cpu" else planner.planning_for(
         planner.device_info(torch.device("cuda")))
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # torch's CPU kernels wake its intra-op thread pool, which a GPU op never does: on 2
+        # cores that alone moved torch's training step between ~30 and ~41 us from one run to
+        # the next. One thread keeps the yardstick to torch's host path (and the tiny compute).
+        torch.set_num_threads(1)
     rows = []
     with plan_for:
         for name, (ours, ref) in _cases(device).items():
@@ -188,7 +195,9 @@ def measure(calls: int = 2000, rounds: int = 5, compiled: bool = True) -> dict:
                                  vs_torch=round(launch_us / torch_us, 2)))
         if compiled:
             rows.append(_compiled_row(device, calls, rounds))
+    torch.set_num_threads(threads)
     return {"shape": "x".join(map(str, SHAPE)), "dtype": "float32", "device": _device_name(),
+            "torch_threads": 1 if device == "cpu" else threads,
             "torch": torch.__version__, "triton": __import__("triton").__version__,
             "calls": calls, "rounds": rounds, "rows": rows,
             "date": time.strftime("%Y-%m-%d")}
