@@ -195,28 +195,33 @@ def _library_interpreted():
             device_fn = _library.setdefault(self.fn, InterpretedFunction(self.fn))
         return device_fn(*args, **kwargs)
 
-    # Every attribute the interpreter's patch scopes set, with what the object itself held
-    # before (absent: _ABSENT), in order; undone in reverse order afterwards.
-    journal = []
+    # What each attribute the interpreter's patch scopes set held before this launch (its
+    # first setting here saw it), restored afterwards where it differs. Triton sets ~4,000
+    # attributes per launch on a handful of objects: keeping the first value of each, and
+    # setting back only the changed ones, keeps this to a small part of a launch.
+    before = {}
     scope_class = interpreter._LangPatchScope
     set_attr = scope_class.set_attr
 
-    def set_attr_journaled(scope, obj, name, value):
-        journal.append((obj, name, vars(obj).get(name, _ABSENT)))
+    def set_attr_recorded(scope, obj, name, value):
+        key = (id(obj), name)
+        if key not in before:
+            before[key] = (obj, name, vars(obj).get(name, _ABSENT))
         set_attr(scope, obj, name, value)
 
     saved = JITFunction.__call__
     JITFunction.__call__ = interpret
-    scope_class.set_attr = set_attr_journaled
+    scope_class.set_attr = set_attr_recorded
     try:
         yield
     finally:
         scope_class.set_attr = set_attr
         JITFunction.__call__ = saved
-        for obj, name, original in reversed(journal):
+        for obj, name, original in before.values():
+            if vars(obj).get(name, _ABSENT) is original:
+                continue
             if original is _ABSENT:
-                if name in vars(obj):
-                    delattr(obj, name)
+                delattr(obj, name)
             else:
                 setattr(obj, name, original)
 

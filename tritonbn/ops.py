@@ -7,8 +7,13 @@ statistics, batch counters, overflow counters) instead of mutating them; ``batch
 them back. A functional op costs torch.compile far less host time per call than a mutating one,
 and inductor places the copies itself.
 
+With ``TRITONBN_COMPILED=triton_op`` torch.compile gets their twins
+``tritonbn::batch_norm_forward_traced`` / ``_backward_traced`` instead: ``torch.library.triton_op``
+ops with the same schemas, whose bodies (the same launchers) the compiler traces, so its graph
+holds the kernels themselves.
+
 Plain eager calls skip the custom ops (``_direct``): the same launchers run directly and update
-the tensors in place. Both run inside one autograd Function.
+the tensors in place. All run inside one autograd Function.
 """
 from __future__ import annotations
 

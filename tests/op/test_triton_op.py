@@ -137,3 +137,17 @@ def test_every_variant_compiles_to_its_kernels(form, name):
     torch.testing.assert_close(x.grad, xe.grad, **tol)
     for (n, a), (_, b) in zip(ours.state_dict().items(), eager.state_dict().items()):
         torch.testing.assert_close(a, b, **tol, msg=n)
+
+
+def test_a_process_that_interprets_every_kernel_keeps_the_custom_ops():
+    """torch traces only compiled kernels into a graph: with TRITON_INTERPRET=1 (every kernel
+    of the process interpreted) the triton_op form cannot be had, and the custom ops stay."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITONBN_COMPILED="triton_op")
+    out = subprocess.run([sys.executable, "-c", "from tritonbn import _runtime; "
+                          "print(_runtime.cuda_interpreted(), _runtime.compiled_form())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "custom_op"]

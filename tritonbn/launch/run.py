@@ -17,7 +17,6 @@ from typing import Mapping, Optional
 
 import torch
 import triton.language as tl
-
 from torch.library import wrap_triton
 
 from .. import _runtime, direct_launch
