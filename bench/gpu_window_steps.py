@@ -1229,7 +1229,7 @@ def _triton_op_case(shape, dtype, layout, gpu, torch, tritonbn, compiled_graph) 
         compiled = torch.compile(model, backend="inductor", fullgraph=True)
         _, code = run_and_get_code(lambda: compiled(x).float().square().mean().backward())
         text = "\n".join(code)
-        found = sorted({k for k in _KERNEL_NAMES if k in text})
+        found = sorted({k for k in KERNELS if k in text})
         opaque = "tritonbn.batch_norm" in text or "tritonbn::batch_norm" in text
     else:
         backend = compiled_graph.recording_backend(graphs, interpreted_kernels=True)
@@ -1257,11 +1257,6 @@ def _triton_op_case(shape, dtype, layout, gpu, torch, tritonbn, compiled_graph) 
             "worst_rel_error": worst, "limit": limit, "errors_over_limit": sorted(
                 k for k, v in errors.items() if v > limit),
             "ok": bool(found) and not opaque and worst <= limit}
-
-
-_KERNEL_NAMES = ("bn_fwd_onepass_kernel", "bn_stats_partial_kernel", "bn_fwd_apply_kernel",
-                 "bn_bwd_onepass_kernel", "bn_bwd_partial_kernel", "bn_bwd_apply_kernel",
-                 "bn_merge_partials_kernel")
 
 
 def _triton_op_host(torch, tritonbn) -> dict:

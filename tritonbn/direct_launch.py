@@ -57,9 +57,10 @@ except (ImportError, AttributeError):  # pragma: no cover - older Triton: always
 from triton.runtime.driver import driver as _driver  # noqa: E402 - after the knobs probe
 
 
-def _quiet(hook) -> bool:
+def _silent(hook) -> bool:
     """No launch hook would run: none set, or an empty chain (Triton's default)."""
     return hook is None or (type(hook) is _HookChain and not hook.calls)
+
 
 # id(kernel) -> {key: (launcher, function, packed_metadata, constants) or _NOT_SUPPORTED}.
 # By id: a JITFunction's own hash is a Python property that builds its cache key (~1 us).
@@ -124,13 +125,8 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
     """Launch ``kernel[grid](**arguments by name, **constants)`` -- directly when this
     specialization has been launched before. ``scalars``: ``scalar_key(ints, constants)``,
     when the caller kept it."""
-    if _knobs is None or not hasattr(kernel, "device_caches"):
-        kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
-        return
-    enter, leave = _knobs.launch_enter_hook, _knobs.launch_exit_hook
-    # (_quiet written out: this runs on every launch)
-    if not ((enter is None or (type(enter) is _HookChain and not enter.calls))
-            and (leave is None or (type(leave) is _HookChain and not leave.calls))):
+    if _knobs is None or not hasattr(kernel, "device_caches") or not (
+            _silent(_knobs.launch_enter_hook) and _silent(_knobs.launch_exit_hook)):
         kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
         return
     active = _driver.active

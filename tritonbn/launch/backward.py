@@ -119,12 +119,7 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
                                               residual.data_ptr() % 16 == 0),
                a.weight is not None, a.bias is not None, rd is not None, a.save_mean.dtype,
                planner.state())
-        call = _calls.get(key)
-        if call is None:
-            call = _backward_call(a, o, param_grads, dx, dres, rd)
-            if len(_calls) > 4096:
-                _calls.clear()
-            _calls[key] = call
+        call = run.kept(_calls, key, _backward_call, a, o, param_grads, dx, dres, rd)
     if call.copies:
         _, x, (dy, _, residual, _) = view_or_copy(x, [dy, dx, residual, dres])
     pointers = {

@@ -24,7 +24,7 @@ from .. import plan as planner
 from .planning import traced
 
 __all__ = ["LAUNCHES", "count_launches", "capture_launches", "LaunchArgs", "COMPILE_OPTIONS",
-           "KernelSignature", "signature", "Launch", "run", "constants", "kept_calls",
+           "KernelSignature", "signature", "Launch", "run", "constants", "kept_calls", "kept",
            "forget_calls"]
 
 LAUNCHES: collections.Counter = collections.Counter()
@@ -178,6 +178,17 @@ def kept_calls() -> dict:
     kept: dict = {}
     _kept.append(kept)
     return kept
+
+
+def kept(calls: dict, key, build, *args):
+    """The kept call of ``key`` in ``calls``, built by ``build(*args)`` the first time."""
+    call = calls.get(key)
+    if call is None:
+        call = build(*args)
+        if len(calls) > 4096:        # a model makes a few dozen kinds of call
+            calls.clear()
+        calls[key] = call
+    return call
 
 
 def forget_calls() -> None:
