@@ -19,7 +19,11 @@ ACTIVATIONS = {
     "hardswish": 7,
     "sigmoid": 8,
     "tanh": 9,
+    "elu": 10,           # slope is alpha
 }
+
+# The activations in-place activated batch norm can invert: y = act(z) determines z.
+INVERTIBLE = (None, "leaky_relu", "elu")
 
 # The constants below are literals, not module-level tl.constexpr globals: Triton re-checks every
 # global a kernel reads on each launch (~0.5 us apiece), literals cost nothing.
@@ -59,6 +63,8 @@ def activate(z, ACT: tl.constexpr, slope):
         z = _sigmoid(z)
     elif ACT == 9:
         z = _tanh(z)
+    elif ACT == 10:
+        z = tl.where(z > 0, z, slope * (tl.exp(tl.minimum(z, 0.0)) - 1.0))
     return z
 
 
@@ -89,6 +95,34 @@ def activate_grad(z, ACT: tl.constexpr, slope):
     elif ACT == 9:
         t = _tanh(z)
         g = 1.0 - t * t
+    elif ACT == 10:
+        g = tl.where(z > 0, 1.0, slope * tl.exp(tl.minimum(z, 0.0)))
     else:
         g = tl.full(z.shape, 1.0, z.dtype)
+    return g
+
+
+@triton.jit
+def invert(y, ACT: tl.constexpr, slope):
+    """z from y = act(z) for an invertible activation (INVERTIBLE; leaky_relu's slope > 0).
+    ELU's inverse log(1 + y / alpha) is taken no lower than log(2^-126) ~ -87: below about
+    -17 (float32) exp(z) has no digits left in y, and z is then lost, not just inaccurate."""
+    if ACT == 3:
+        z = tl.where(y > 0, y, y / slope)
+    elif ACT == 10:
+        z = tl.where(y > 0, y, tl.log(tl.maximum(1.0 + y / slope, 1.1754943508222875e-38)))
+    else:
+        z = y
+    return z
+
+
+@triton.jit
+def activate_grad_at_output(y, ACT: tl.constexpr, slope):
+    """d act / dz from y = act(z) alone, for the invertible activations."""
+    if ACT == 3:
+        g = tl.where(y > 0, 1.0, slope)
+    elif ACT == 10:
+        g = tl.where(y > 0, 1.0, y + slope)
+    else:
+        g = tl.full(y.shape, 1.0, y.dtype)
     return g

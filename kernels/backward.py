@@ -9,6 +9,8 @@ per channel and k = gamma * r * invstd:
   grad_weight = r * sum(dz * x_hat) + d * sum(dz)
   grad_input  = k * (dz - sum(dz) / M - x_hat * sum(dz * x_hat) / M)   (training)
   grad_input  = k * dz                                                (eval: stats are constants)
+In-place activated batch norm (INVERTIBLE) saves y instead of x: z = act^-1(y) and
+x_hat = (z - shift - residual) / (gamma * r), with |gamma| kept >= eps in both directions.
 The sums are float32 (float64 for float64 input) partials per (split, channel), summed in one
 fixed tree by every consumer program (or beforehand, in a launch of their own, when there are
 many): deterministic, no atomics.
@@ -16,7 +18,7 @@ many): deterministic, no atomics.
 import triton
 import triton.language as tl
 
-from .activations import activate_grad
+from .activations import activate_grad, activate_grad_at_output, invert
 from .common import (channel_offsets, load_affine, load_renorm, load_residual, merge_partials,
                      preactivation, scalar, tile_ptrs, tile_rows)
 from .overflow import store_fit
@@ -33,8 +35,26 @@ def _grad_preact(dy, x, res, mean, gain, shift, ACT: tl.constexpr, slope):
 
 
 @triton.jit
+def _dz_xc(dy, v, res, mean, gain, inv_gain, shift, ACT: tl.constexpr, slope,
+           INVERTIBLE: tl.constexpr):
+    """(dz, x - mean) on a tile. ``v`` is the forward's input x or, INVERTIBLE (in-place
+    activated batch norm), its output y = act(z): then z = act^-1(y), x - mean =
+    (z - shift - res) / gain and act'(z) comes from y itself."""
+    if INVERTIBLE:
+        if ACT == 0:
+            dz = dy
+        else:
+            dz = dy * activate_grad_at_output(v, ACT, slope)
+        xc = (invert(v, ACT, slope) - shift[None, :] - res) * inv_gain[None, :]
+    else:
+        dz = _grad_preact(dy, v, res, mean, gain, shift, ACT, slope)
+        xc = v - mean[None, :]
+    return dz, xc
+
+
+@triton.jit
 def bn_bwd_partial_kernel(
-    X,                  # pointer to the forward input, canonical view (N, C, S)
+    X,                  # pointer to the forward input (INVERTIBLE: its output), view (N, C, S)
     DY,                 # pointer to the output gradient, same view, own strides (may be 0)
     RES,                # pointer to the forward residual, or None
     MEAN,               # pointer to the saved mean (C,), ACC
@@ -50,12 +70,14 @@ def bn_bwd_partial_kernel(
     n_tiles_s,          # tiles along S
     n_tiles,            # tiles in a channel's plane
     tiles_per_split,    # consecutive tiles handled by one program
-    slope: tl.float64,  # leaky_relu negative slope
+    slope: tl.float64,  # leaky_relu negative slope, elu's alpha
+    eps: tl.float64,    # the forward's eps: INVERTIBLE's floor of |gamma|
     ACC: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
+    INVERTIBLE: tl.constexpr,       # X is the output y (in-place activated batch norm)
     RENORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -72,9 +94,10 @@ def bn_bwd_partial_kernel(
     cmask = c < C
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
-    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
     gain = w * invstd * r
+    inv_gain = 1.0 / gain
     shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
@@ -95,10 +118,11 @@ def bn_bwd_partial_kernel(
                      eviction_policy="evict_last")
         res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
                             USE_INT64)
-        dz = _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT, neg_slope)
+        dz, xc = _dz_xc(dy.to(ACC), x, res, mean, gain, inv_gain, shift, ACT, neg_slope,
+                        INVERTIBLE)
         dz = tl.where(mask, dz, 0.0)
         acc_dz += dz
-        acc_dzxc += dz * (x - mean[None, :])
+        acc_dzxc += dz * xc
 
     base = pid_k * C + c
     tl.store(PART + base, tl.sum(acc_dz, axis=0), mask=cmask)
@@ -107,7 +131,8 @@ def bn_bwd_partial_kernel(
 
 @triton.jit
 def bn_bwd_apply_kernel(
-    X,                  # pointer to the forward input (read in training or with an activation)
+    X,                  # pointer to the forward input (INVERTIBLE: its output), read in training
+                        # or with an activation
     DY,                 # pointer to the output gradient
     DX,                 # pointer to the input gradient (written)
     RES,                # pointer to the forward residual, or None
@@ -131,13 +156,15 @@ def bn_bwd_apply_kernel(
     tiles_per_split,
     n_part_splits,      # partials per channel in PART, at most SPLITS_P2 (0: no sums needed)
     total_count: tl.float32,   # elements per channel behind PART's sums (every process's batch)
-    slope: tl.float64,  # leaky_relu negative slope
+    slope: tl.float64,  # leaky_relu negative slope, elu's alpha
+    eps: tl.float64,    # the forward's eps: INVERTIBLE's floor of |gamma|
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,         # batch statistics: dx has the mean terms
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
+    INVERTIBLE: tl.constexpr,       # X is the output y (in-place activated batch norm)
     RENORM: tl.constexpr,
     WRITE_SUMS: tl.constexpr,       # store grad_weight / grad_bias
     WRITE_DRES: tl.constexpr,       # store dz as the residual gradient
@@ -167,13 +194,14 @@ def bn_bwd_apply_kernel(
 
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
-    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
     if WRITE_SUMS:
         if pid_k == 0:
             tl.store(DW + c, r * sum_dzxhat + d * sum_dz, mask=cmask)
             tl.store(DB + c, sum_dz, mask=cmask)
     gain = w * invstd * r
+    inv_gain = 1.0 / gain
     shift = b + w * d
     inv_m = 1.0 / (tl.zeros((BLOCK_C,), ACC) + total_count)
     mean_dz = sum_dz * inv_m
@@ -198,11 +226,13 @@ def bn_bwd_apply_kernel(
             x = x.to(ACC)
         else:
             x = 0.0
+        # the residual recomputes z, or with INVERTIBLE recovers x - mean (training only)
         res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC,
-                            HAS_RES and ACT != 0, USE_INT64)
-        dz = _grad_preact(dy, x, res, mean, gain, shift, ACT, neg_slope)
+                            HAS_RES and ((INVERTIBLE and TRAINING)
+                                         or (ACT != 0 and not INVERTIBLE)), USE_INT64)
+        dz, xc = _dz_xc(dy, x, res, mean, gain, inv_gain, shift, ACT, neg_slope, INVERTIBLE)
         if TRAINING:
-            dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * (x - mean[None, :])
+            dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * xc
         else:
             dx = gain[None, :] * dz
         store_fit(tile_ptrs(DX, n, s, dx_coff, stride_dxn, stride_dxs), dx, mask, SATURATE,
@@ -215,7 +245,7 @@ def bn_bwd_apply_kernel(
 
 @triton.jit
 def bn_bwd_onepass_kernel(
-    X,                  # pointer to the forward input, canonical view (N, C, S)
+    X,                  # pointer to the forward input (INVERTIBLE: its output), view (N, C, S)
     DY,                 # pointer to the output gradient
     DX,                 # pointer to the input gradient (written)
     RES,                # pointer to the forward residual, or None
@@ -233,13 +263,15 @@ def bn_bwd_onepass_kernel(
     stride_dxn, stride_dxc, stride_dxs,
     stride_rn, stride_rc, stride_rs,
     stride_drn, stride_drc, stride_drs,
-    slope: tl.float64,  # leaky_relu negative slope
+    slope: tl.float64,  # leaky_relu negative slope, elu's alpha
+    eps: tl.float64,    # the forward's eps: INVERTIBLE's floor of |gamma|
     ACC: tl.constexpr,
     TRAINING: tl.constexpr,
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
+    INVERTIBLE: tl.constexpr,       # X is the output y (in-place activated batch norm)
     RENORM: tl.constexpr,
     WRITE_DRES: tl.constexpr,
     SATURATE: tl.constexpr,
@@ -259,19 +291,21 @@ def bn_bwd_onepass_kernel(
     mask = rmask[:, None] & cmask[None, :]
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
     invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
-    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
     gain = w * invstd * r
+    inv_gain = 1.0 / gain
     shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
     dy_coff = channel_offsets(c, stride_dyc, USE_INT64)
     x = tl.load(tile_ptrs(X, n, s, x_coff, stride_xn, stride_xs), mask=mask, other=0.0).to(ACC)
     dy = tl.load(tile_ptrs(DY, n, s, dy_coff, stride_dyn, stride_dys), mask=mask, other=0.0)
     res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC,
-                        HAS_RES and ACT != 0, USE_INT64)
-    dz = tl.where(mask, _grad_preact(dy.to(ACC), x, res, mean, gain, shift, ACT,
-                                     scalar(slope, ACC)), 0.0)
-    xc = tl.where(mask, x - mean[None, :], 0.0)
+                        HAS_RES and (ACT != 0 or INVERTIBLE), USE_INT64)
+    dz, xc = _dz_xc(dy.to(ACC), x, res, mean, gain, inv_gain, shift, ACT, scalar(slope, ACC),
+                    INVERTIBLE)
+    dz = tl.where(mask, dz, 0.0)
+    xc = tl.where(mask, xc, 0.0)
     sum_dz = tl.sum(dz, axis=0)
     sum_dzxhat = tl.sum(dz * xc, axis=0) * invstd
     tl.store(DW + c, r * sum_dzxhat + d * sum_dz, mask=cmask)

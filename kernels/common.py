@@ -250,10 +250,17 @@ def load_residual(
 
 
 @triton.jit
-def load_affine(W, B, c, cmask, ACC: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    """gamma and beta for the channels in ``c`` in the accumulation dtype (1 and 0 when absent)."""
+def load_affine(W, B, c, cmask, floor, ACC: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr, INVERTIBLE: tl.constexpr):
+    """gamma and beta for the channels in ``c`` in the accumulation dtype (1 and 0 when absent).
+
+    INVERTIBLE (in-place activated batch norm, whose backward divides by gamma): |gamma| is
+    raised to at least ``floor`` (the call's eps), keeping its sign (+ for 0). Any larger gamma
+    is used as it is, so the layer is exactly batch norm + activation there."""
     if HAS_W:
         w = tl.load(W + c, mask=cmask, other=1.0).to(ACC)
+        if INVERTIBLE:
+            w = tl.where(tl.abs(w) < floor, tl.where(w < 0, -floor, floor), w)
     else:
         w = tl.full(c.shape, 1.0, ACC)
     if HAS_B:

@@ -216,6 +216,7 @@ def bn_fwd_apply_kernel(
     HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,              # activation code (kernels.activations.ACTIVATIONS)
+    INVERTIBLE: tl.constexpr,       # in-place activated: |gamma| >= eps (load_affine)
     RENORM: tl.constexpr,           # batch renormalization (training only)
     WARMUP: tl.constexpr,           # renorm warm-up read from BATCHES
     SKIP_NONFINITE: tl.constexpr,   # running stats keep channels whose batch stats are not finite
@@ -257,7 +258,7 @@ def bn_fwd_apply_kernel(
             tl.store(SAVE_MEAN + c, mean, mask=cmask)
             tl.store(SAVE_INVSTD + c, invstd, mask=cmask)
 
-    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     gain = w * invstd * r
     shift = b + w * d
     x_coff = channel_offsets(c, stride_xc, USE_INT64)
@@ -326,6 +327,7 @@ def bn_fwd_onepass_kernel(
     HAS_B: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,
+    INVERTIBLE: tl.constexpr,
     RENORM: tl.constexpr,
     WARMUP: tl.constexpr,
     SKIP_NONFINITE: tl.constexpr,
@@ -356,7 +358,7 @@ def bn_fwd_onepass_kernel(
         warmup_steps, BLOCK_C, UPDATE_RUNNING, RENORM, WARMUP, SKIP_NONFINITE, CUMULATIVE,
         SATURATE)
 
-    w, b = load_affine(W, B, c, cmask, ACC, HAS_W, HAS_B)
+    w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
                         USE_INT64)
     y = activate(preactivation(x, mean, w * invstd * r, b + w * d, res), ACT, scalar(slope, ACC))

@@ -14,15 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from .kernels.activations import ACTIVATIONS as _CODES
+from .kernels.activations import INVERTIBLE
 
-__all__ = ["Activation", "ACTIVATIONS", "NAMES", "get", "apply", "derivative"]
+__all__ = ["Activation", "ACTIVATIONS", "NAMES", "INVERTIBLE", "get", "apply", "derivative"]
 
 
 @dataclass(frozen=True)
 class Activation:
     name: str
     code: int                                   # the kernels' ACT constexpr
-    fn: Callable[[torch.Tensor, float], torch.Tensor]          # torch's act(z) (slope: leaky_relu)
+    fn: Callable[[torch.Tensor, float], torch.Tensor]          # torch's act(z, slope or alpha)
     grad: Callable[[torch.Tensor, float], torch.Tensor]        # d act / dz, torch's kink rules
 
 
@@ -60,6 +61,9 @@ _TORCH = {
                   .to(z.dtype)),
     "sigmoid": (lambda z, _s: torch.sigmoid(z), _sigmoid_grad),
     "tanh": (lambda z, _s: torch.tanh(z), lambda z, _s: 1 - torch.tanh(z) ** 2),
+    "elu": (lambda z, alpha: F.elu(z, alpha),
+            lambda z, alpha: torch.where(z > 0, 1.0, alpha * torch.exp(z.clamp(max=0)))
+            .to(z.dtype)),
 }
 
 ACTIVATIONS: dict[str, Activation] = {

@@ -19,7 +19,8 @@ from . import ops
 from .options import MODES, ForwardArgs, Options
 from .validate import check_options, check_scalars, check_tensors, float_momentum
 
-__all__ = ["batch_norm", "batch_renorm", "sync_batch_norm", "run", "options"]
+__all__ = ["batch_norm", "batch_renorm", "sync_batch_norm", "inplace_abn", "inplace_abn_sync",
+           "run", "options"]
 
 
 @functools.lru_cache(maxsize=512)  # a few per model: building and checking costs ~2 us
@@ -38,12 +39,12 @@ def options(training: bool = False, momentum: Optional[float] = 0.1, eps: float 
             activation: Optional[str] = None, negative_slope: float = 0.01,
             renorm: Optional[tuple[float, float]] = None, warmup_steps: int = 0,
             overflow: str = "propagate", nonfinite_stats: str = "propagate",
-            group: Optional[str] = None) -> Options:
+            group: Optional[str] = None, invertible: bool = False) -> Options:
     """The checked Options of one call, from the public argument names and types (checked
     here, before they become canonical Python values). ``momentum=None``: the cumulative
     average."""
     args = (training, momentum, eps, activation, negative_slope, renorm, warmup_steps, overflow,
-            nonfinite_stats, group)
+            nonfinite_stats, group, invertible)
     exact = (momentum is None or type(momentum) is float) and type(eps) is float \
         and type(negative_slope) is float
     if exact and not torch.compiler.is_compiling():
@@ -55,7 +56,8 @@ def options(training: bool = False, momentum: Optional[float] = 0.1, eps: float 
     fields = (training, None if momentum is None else float(momentum), float(eps),
               activation or None, float(negative_slope),
               None if renorm is None else (float(renorm[0]), float(renorm[1])),
-              int(warmup_steps), overflow == "saturate", nonfinite_stats == "skip", group)
+              int(warmup_steps), overflow == "saturate", nonfinite_stats == "skip", group,
+              bool(invertible))
     if torch.compiler.is_compiling():  # Dynamo folds it; the cache would only warn
         o = Options(*fields)
         check_options(o)
@@ -74,10 +76,12 @@ def _flat(t: Optional[Tensor], numel: int) -> Optional[Tensor]:
 
 def run(input: Tensor, o: Options, running_mean=None, running_var=None, weight=None,
         bias=None, residual=None, batches=None, running_count=None, overflow_stats=None,
-        per_activation: bool = False) -> Tensor:
+        per_activation: bool = False, inplace: bool = False) -> Tensor:
     """Check the tensors of a call with options ``o`` and run it; returns y. The running
     statistics and counters are updated in place (whatever their strides or shape).
-    ``per_activation``: every per-channel tensor is per (channel, position) feature instead."""
+    ``per_activation``: every per-channel tensor is per (channel, position) feature instead.
+    ``inplace`` (with ``o.invertible``): y is written over the input where that is allowed
+    (``ops.writes_in_place``)."""
     check_tensors(input, o, running_mean, running_var, weight, bias, residual, batches,
                   running_count, overflow_stats, per_activation)
     counters = (None, None) if overflow_stats is None else (overflow_stats.count,
@@ -88,6 +92,8 @@ def run(input: Tensor, o: Options, running_mean=None, running_var=None, weight=N
     c = input.shape[1]
     a = ForwardArgs(input, _flat(weight, c), _flat(bias, c), residual, running_mean,
                     running_var, batches, *features[2:])
+    if inplace and o.invertible:
+        return ops.inplace_abn_op(o, a)
     return ops.batch_norm_op(o, a)
 
 
@@ -216,3 +222,72 @@ def group_name(process_group=None) -> str:
     """The name under which the launchers find a process group again (default: the world)."""
     group = process_group if process_group is not None else dist.group.WORLD
     return group.group_name
+
+
+# the inplace_abn package's activation names -> tritonbn's
+_ABN_ACTIVATIONS = {"identity": None, None: None, "leaky_relu": "leaky_relu", "elu": "elu"}
+
+
+def abn_activation(activation: Optional[str]) -> Optional[str]:
+    """tritonbn's name for an in-place activated batch norm's activation ("identity": None);
+    ValueError for one that is not invertible."""
+    if activation not in _ABN_ACTIVATIONS:
+        raise ValueError(f"inplace_abn: activation must be 'leaky_relu', 'elu' or 'identity' "
+                         f"(invertible, so x can be recovered from the output), got "
+                         f"{activation!r}")
+    return _ABN_ACTIVATIONS[activation]
+
+
+def _abn_options(training, momentum, eps, activation, activation_param,
+                 group: Optional[str] = None) -> Options:
+    return options(training, float_momentum(momentum), eps, abn_activation(activation),
+                   activation_param, group=group, invertible=True)
+
+
+def inplace_abn(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                activation: str = "leaky_relu", activation_param: float = 0.01, *,
+                residual: Optional[Tensor] = None, inplace: bool = True) -> Tensor:
+    """In-place activated batch norm (Rota Bulo et al., CVPR 2018): y = act(BN(x) + residual)
+    with an invertible ``activation`` -- "leaky_relu" (``activation_param``: its slope, > 0),
+    "elu" (its alpha) or "identity" -- in the argument order of the inplace_abn package.
+
+    Only y is saved for backward, never x: the backward recovers x_hat = (act^-1(y) - residual
+    - beta) / gamma inside the kernels. So a BN -> activation -> conv chain keeps one activation
+    buffer per layer instead of two. With ``inplace`` y is also written over x's storage (and
+    returned) where that is allowed: in plain eager calls, when x is not a leaf that requires
+    grad and has strides the kernels can write through; otherwise y is a new tensor (under
+    torch.compile the compiler plans the memory). A node that saved x before it was
+    overwritten raises autograd's "modified by an inplace operation" error in backward.
+
+    gamma is used with |gamma| raised to at least ``eps`` (its sign kept), forward and backward,
+    since the backward divides by it; its gradient passes straight through. Any |gamma| >= eps
+    gives exactly batch norm + activation. In half precision x_hat is recovered from a rounded
+    y: its error grows like |beta / gamma| (docs/usage.md states the measured bound).
+    """
+    _check_abn_input(input)
+    o = _abn_options(training, momentum, eps, activation, activation_param)
+    return run(input, o, running_mean, running_var, weight, bias, residual, inplace=inplace)
+
+
+def inplace_abn_sync(input: Tensor, weight: Optional[Tensor] = None,
+                     bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
+                     running_var: Optional[Tensor] = None, training: bool = True,
+                     momentum: float = 0.1, eps: float = 1e-5, activation: str = "leaky_relu",
+                     activation_param: float = 0.01, group=None, *,
+                     residual: Optional[Tensor] = None, inplace: bool = True) -> Tensor:
+    """``inplace_abn`` with statistics synchronized over the processes of ``group`` (default:
+    the world) in training, as ``sync_batch_norm``; eval is ``inplace_abn``."""
+    _check_abn_input(input)
+    o = _abn_options(training, momentum, eps, activation, activation_param,
+                     group=group_name(group) if training else None)
+    return run(input, o, running_mean, running_var, weight, bias, residual, inplace=inplace)
+
+
+def _check_abn_input(input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"inplace_abn: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"inplace_abn: expected an (N, C, ...) input of 2 or more dimensions, "
+                         f"got shape {tuple(input.shape)}")

@@ -27,14 +27,15 @@ from torch.autograd import forward_ad
 from torch.autograd.graph import increment_version
 
 from . import _runtime, activations, launch
-from .layout import empty_output, output_memory_format
+from .layout import empty_output, output_memory_format, plane_view
 from .options import (BACKWARD_ARGS, BACKWARD_OUTPUTS, BACKWARD_SCALARS, FORWARD_ARGS,
                       FORWARD_OUTPUTS, FORWARD_SCALARS, UPDATED, BackwardArgs, ForwardArgs,
                       Options, schema)
 
 __all__ = ["batch_norm_forward", "batch_norm_backward", "batch_norm_forward_traced",
            "batch_norm_backward_traced", "BatchNormFunction",
-           "ForwardModeFunction", "tangent", "batch_norm_op"]
+           "ForwardModeFunction", "InPlaceFunction", "tangent", "batch_norm_op",
+           "inplace_abn_op", "writes_in_place"]
 
 _N_FWD = len(FORWARD_ARGS)
 
@@ -159,10 +160,12 @@ def _direct(t: Tensor) -> bool:
 
 def _saved_for(o: Options, a: ForwardArgs, outputs) -> tuple:
     """What backward (and forward mode) needs: x, the parameters, the residual (only to
-    recompute the activation's input) and the float32 statistics."""
-    _y, save_mean, save_invstd, save_rd = outputs[:4]
-    return (a.input, a.weight, a.bias, a.residual if o.activation else None, save_mean,
-            save_invstd, save_rd)
+    recompute the activation's input) and the float32 statistics. In-place activated batch norm
+    (``Options.invertible``) saves y instead of x, and the residual to recover x from it."""
+    y, save_mean, save_invstd, save_rd = outputs[:4]
+    return (y if o.invertible else a.input, a.weight, a.bias,
+            a.residual if o.activation or o.invertible else None, save_mean, save_invstd,
+            save_rd)
 
 
 def _save(ctx, o: Options, a: ForwardArgs, outputs) -> None:
@@ -286,6 +289,24 @@ class BatchNormFunction(torch.autograd.Function):
         return _backward(ctx, grad_y)
 
 
+class InPlaceFunction(torch.autograd.Function):
+    """In-place activated batch norm in a plain eager call: the launchers write y over x, which
+    is marked dirty and returned; only y (x's storage) and the statistics are saved. The
+    backward is BatchNormFunction's, which recovers x_hat from y."""
+
+    @staticmethod
+    def forward(ctx, o: Options, *tensors):
+        a = ForwardArgs(*tensors)
+        out = _forward_over_input(o, a)
+        ctx.mark_dirty(a.input)
+        _save(ctx, o, a, out)
+        return (out[0], *out[4:])
+
+    @staticmethod
+    def backward(ctx, grad_y, *_grads_of_the_rest):
+        return _backward(ctx, grad_y)
+
+
 class ForwardModeFunction(torch.autograd.Function):
     """The same autograd with forward-mode AD (``torch.func.jvp`` / ``jacfwd``,
     ``torch.autograd.forward_ad`` dual tensors), in the form functorch transforms need
@@ -376,6 +397,10 @@ def batch_norm_op(o: Options, a: ForwardArgs) -> Tensor:
     """Run the forward, with autograd when a gradient is wanted; returns y. The tensors the op
     updates hold their new values afterwards, whichever path ran."""
     if _forward_mode():
+        if o.invertible:
+            raise NotImplementedError("tritonbn: forward-mode AD (jvp, jacfwd, forward_ad dual "
+                                      "tensors) of in-place activated batch norm is not "
+                                      "implemented; use tritonbn.batch_norm with the activation")
         out = ForwardModeFunction.apply(o, *a)
         new = out[4:]
     elif _needs_grad(a):
@@ -386,6 +411,34 @@ def batch_norm_op(o: Options, a: ForwardArgs) -> Tensor:
         new = out[4:]
     _copy_back(o, a, new)
     return out[0]
+
+
+def writes_in_place(x: Tensor) -> bool:
+    """Whether in-place activated batch norm may write y over x: a plain eager call (tracers
+    get the functional op, and the compiler plans the memory), not a leaf that requires grad
+    (autograd forbids it), and strides the kernels can write through (a plane view)."""
+    return _direct(x) and not (x.requires_grad and x.is_leaf) \
+        and plane_view(x.shape, [x]) is not None
+
+
+def inplace_abn_op(o: Options, a: ForwardArgs) -> Tensor:
+    """In-place activated batch norm (``o.invertible``): y over x where ``writes_in_place``
+    allows, else a new y; either way only y is saved for backward. Returns y."""
+    if _forward_mode() or not writes_in_place(a.input):
+        return batch_norm_op(o, a)          # (forward mode raises its clear error there)
+    if _needs_grad(a):
+        return InPlaceFunction.apply(o, *a)[0]
+    return _forward_over_input(o, a)[0]
+
+
+def _forward_over_input(o: Options, a: ForwardArgs) -> tuple:
+    """The launchers writing y over x. Raw writes: x and the updated buffers get new versions,
+    as an in-place op's would, so a node that saved x before it was overwritten raises instead
+    of reading y."""
+    out = launch.forward(a, o, in_place=True, out=a.input)
+    increment_version([a.input, *(t for name in launch.updated_names(o)
+                                  if (t := getattr(a, name)) is not None)])
+    return out
 
 
 def _copy_back(o: Options, a: ForwardArgs, new: tuple) -> None:

@@ -43,12 +43,15 @@ class Options:
     momentum: float | None = 0.1
     eps: float = 1e-5               # added to the variance
     activation: str | None = None   # applied last (tritonbn.activations)
-    negative_slope: float = 0.01    # leaky_relu's slope
+    negative_slope: float = 0.01    # leaky_relu's slope; elu's alpha
     renorm: tuple[float, float] | None = None   # Batch Renormalization's (rmax, dmax)
     warmup_steps: int = 0           # renorm: r = 1, d = 0 while the batch counter is below this
     saturate: bool = False          # overflow="saturate": finite results beyond the dtype -> +-max
     skip_nonfinite: bool = False    # nonfinite_stats="skip": keep a channel's running stats
     group: str | None = None        # synchronized statistics over this process group (its name)
+    # in-place activated batch norm: the op saves y instead of x and the backward recovers x_hat
+    # from it (act^-1, |gamma| kept >= eps); the activation must be invertible
+    invertible: bool = False
 
     @property
     def act_code(self) -> int:

@@ -14,8 +14,8 @@ import torch
 from . import activations
 from .options import BackwardArgs, ForwardArgs, Options
 
-__all__ = ["batch_norm_reference", "fit", "moments",
-           "forward_apply", "backward_sums", "backward_apply", "overflow"]
+__all__ = ["batch_norm_reference", "fit", "moments", "forward_apply", "backward_sums",
+           "backward_apply", "overflow", "invertible_weight", "recovered_input"]
 
 
 def _channel_shape(x: torch.Tensor) -> list[int]:
@@ -30,6 +30,39 @@ def _per_channel(t: Optional[torch.Tensor], default: float, c: int, device) -> t
     if t is None:
         return torch.full((c,), default, dtype=torch.float64, device=device)
     return t.detach().double().reshape(-1)
+
+
+def invertible_weight(weight: Optional[torch.Tensor], o: Options) -> Optional[torch.Tensor]:
+    """gamma as the kernels use it: with ``Options.invertible`` |gamma| is at least eps (its
+    sign kept, + for 0), as in kernels/common.py's load_affine."""
+    if weight is None or not o.invertible:
+        return weight
+    w = weight.detach().double()
+    floor = torch.where(w < 0, -o.eps, o.eps).to(w)
+    return torch.where(w.abs() < o.eps, floor, w)
+
+
+def recovered_input(a: BackwardArgs, o: Options) -> torch.Tensor:
+    """x in float64 from the output y = act(gamma * (x_hat * r + d) + beta + residual) that
+    in-place activated batch norm saves instead of it (``Options.invertible``)."""
+    y = a.input.double()
+    shape = _channel_shape(y)
+    c = y.shape[1]
+    w = _per_channel(invertible_weight(a.weight, o), 1.0, c, y.device)
+    b = _per_channel(a.bias, 0.0, c, y.device)
+    r, d = renorm_factors(a)
+    if o.activation == "leaky_relu":
+        z = torch.where(y > 0, y, y / o.negative_slope)
+    elif o.activation == "elu":
+        z = torch.where(y > 0, y, torch.log((1 + y / o.negative_slope).clamp(min=2.0 ** -126)))
+    else:
+        z = y
+    if a.residual is not None:
+        z = z - a.residual.double()
+    if isinstance(r, torch.Tensor):
+        r, d = r.view(shape), d.view(shape)
+    x_hat = ((z - b.view(shape)) / w.view(shape) - d) / r
+    return x_hat / a.save_invstd.double().view(shape) + a.save_mean.double().view(shape)
 
 
 def fit(v: torch.Tensor, dtype: torch.dtype, saturate: bool) -> torch.Tensor:
@@ -132,7 +165,8 @@ def forward_apply(a: ForwardArgs, o: Options, part: Optional[torch.Tensor],
         mean = running_mean.double()
         invstd = torch.rsqrt(running_var.double() + o.eps)
         r = d = None
-    z = _preactivation(x, mean, invstd, a.weight, a.bias, r, d, a.residual)
+    z = _preactivation(x, mean, invstd, invertible_weight(a.weight, o), a.bias, r, d,
+                       a.residual)
     y = activations.apply(z, o.activation, o.negative_slope)
     return ForwardResult(y, mean, invstd, rd, new_mean, new_var, new_count)
 
@@ -160,10 +194,11 @@ def renorm_factors(a: BackwardArgs):
 
 def _backward_terms(a: BackwardArgs, o: Options):
     """(x_hat, dz, gamma * r * invstd) of the backward, float64."""
-    x, dy = a.input.double(), a.grad_output.double()
+    x = recovered_input(a, o) if o.invertible else a.input.double()
+    dy = a.grad_output.double()
     c = x.shape[1]
     shape = _channel_shape(x)
-    w = _per_channel(a.weight, 1.0, c, x.device)
+    w = _per_channel(invertible_weight(a.weight, o), 1.0, c, x.device)
     b = _per_channel(a.bias, 0.0, c, x.device)
     r, d = renorm_factors(a)
     invstd = a.save_invstd.double()

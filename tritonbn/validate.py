@@ -15,6 +15,7 @@ import numbers
 import torch
 
 from . import activations
+from .activations import INVERTIBLE
 from .options import NONFINITE_POLICIES, OVERFLOW_POLICIES, Options
 
 __all__ = ["check_scalars", "check_options", "check_tensors", "float_momentum"]
@@ -71,6 +72,22 @@ def check_options(o: Options) -> None:
             raise ValueError(f"batch_renorm: dmax must be >= 0, got {dmax}")
         if o.warmup_steps < 0:
             raise ValueError(f"batch_renorm: warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.invertible:
+        _check_invertible(o)
+
+
+def _check_invertible(o: Options) -> None:
+    """In-place activated batch norm recovers z from y = act(z): only an invertible activation."""
+    if o.activation not in INVERTIBLE:
+        names = ", ".join(repr(a) for a in INVERTIBLE)
+        raise ValueError(f"inplace_abn: activation {o.activation!r} is not invertible, so the "
+                         f"backward could not recover its input from the output; use one of "
+                         f"{names}, or tritonbn.batch_norm(..., activation=...)")
+    if o.activation is not None and not o.negative_slope > 0:
+        raise ValueError(f"inplace_abn: activation_param must be > 0 for {o.activation!r} "
+                         f"(a slope or alpha of {o.negative_slope} is not invertible)")
+    if o.saturate:
+        raise ValueError("inplace_abn: overflow='saturate' clips y, which then cannot be inverted")
 
 
 def _check_param(name: str, t, device, dtype, c: int) -> None:

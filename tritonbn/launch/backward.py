@@ -78,7 +78,8 @@ def _backward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has
                    has_res: bool, renorm: bool, write_dres: bool, write_sums: bool,
                    splits_p2: int) -> _BackwardSpec:
     flags = dict(ACC=tl_acc(torch.float64 if acc64 else torch.float32), HAS_W=has_w,
-                 HAS_B=has_b, HAS_RES=has_res, ACT=o.act_code, RENORM=renorm)
+                 HAS_B=has_b, HAS_RES=has_res, ACT=o.act_code, INVERTIBLE=o.invertible,
+                 RENORM=renorm)
     return _BackwardSpec(
         constants(plan, TRAINING=o.training, WRITE_DRES=write_dres, SATURATE=o.saturate,
                   **flags),
@@ -172,7 +173,8 @@ def _backward_call(a: BackwardArgs, o: Options, param_grads: bool, dx, dres,
     synchronized = o.group is not None
     c_blocks = planner.cdiv(c, plan.block_c)
     onepass = plan.variant == "onepass" and not synchronized
-    scalars = {"slope": float(o.negative_slope), **geometry(view, _BACKWARD_STRIDES)}
+    scalars = {"slope": float(o.negative_slope), "eps": float(o.eps),
+               **geometry(view, _BACKWARD_STRIDES)}
     splits_p2, splits, merge = 1, 1, False
     if not onepass:
         n_tiles_s, n_tiles, per_split, splits = planner.grid_tiles(plan, view.n, view.s)

@@ -27,8 +27,11 @@ from .updates import Updates
 __all__ = ["forward"]
 
 
-def forward(a: ForwardArgs, o: Options, in_place: bool = True) -> tuple:
-    """y = act(BN(x) + residual). Returns the op's outputs in FORWARD_OUTPUTS order:
+def forward(a: ForwardArgs, o: Options, in_place: bool = True,
+            out: Optional[torch.Tensor] = None) -> tuple:
+    """y = act(BN(x) + residual), into ``out`` when given (x itself, for in-place activated batch
+    norm: every element is read before it is written, by the same program; x must then have a
+    plane view, ``layout.plane_view``). Returns the op's outputs in FORWARD_OUTPUTS order:
     (y, save_mean, save_invstd, save_rd, new_running_mean, new_running_var,
     new_running_count, new_overflow_count, new_overflow_max). Statistics are float32 (float64
     for float64 input); save_rd is renorm's (2, C) r and d, or None. A ``new_`` output is a
@@ -36,7 +39,7 @@ def forward(a: ForwardArgs, o: Options, in_place: bool = True) -> tuple:
     x = a.input
     c = x.shape[1]
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
-    y = empty_output(x)
+    y = empty_output(x) if out is None else out
     save_mean = torch.empty(c, dtype=acc, device=x.device)
     save_invstd = torch.empty(c, dtype=acc, device=x.device)
     save_rd = torch.empty((2, c), dtype=acc, device=x.device) if o.renorming else None
@@ -106,6 +109,7 @@ def _forward_spec(plan: planner.Plan, o: Options, acc64: bool, has_w: bool, has_
     rmax, dmax = o.renorm if o.renorming else (1.0, 0.0)
     acc = tl_acc(torch.float64 if acc64 else torch.float32)
     flags = dict(ACC=acc, HAS_W=has_w, HAS_B=has_b, HAS_RES=has_res, ACT=o.act_code,
+                 INVERTIBLE=o.invertible,
                  RENORM=o.renorming, WARMUP=warmup, SKIP_NONFINITE=o.skip_nonfinite,
                  CUMULATIVE=cumulative, SATURATE=o.saturate, COUNT_OVERFLOW=counting)
     return _ForwardSpec(
@@ -159,7 +163,7 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
         # once per compile, nothing to keep
         call = _forward_call(a, o, y, saves[0], reads)
     else:
-        key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0,
+        key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, y is x,
                None if res is None else (res.stride(), res.dtype, res.data_ptr() % 16 == 0),
                a.weight is not None, a.bias is not None, reads["running_mean"] is not None,
                reads["running_count"] is not None, a.overflow_count is not None,

@@ -39,6 +39,10 @@ class TritonNorm:
     renorm: Optional[tuple[float, float]] = None   # (rmax, dmax): batch renormalization
     warmup_steps: int = 0
     per_activation: bool = False
+    # In-place activated batch norm (tritonbn/nn/inplace_abn.py): only y is saved, x_hat is
+    # recovered from it in backward; ``inplace`` also writes y over the input where allowed.
+    invertible: bool = False
+    inplace: bool = False
     # The half-precision guards (tritonbn.overflow): output policy, running-statistics policy
     # and fused counters (an OverflowStats). set_policy adds a buffer of per-channel batch
     # counts, channel_batches_tracked, for momentum=None with nonfinite_stats="skip".
@@ -80,7 +84,8 @@ class TritonNorm:
         o = functional.options(
             use_batch_stats, momentum, self.eps, self.activation if with_activation else None,
             self.negative_slope, self.renorm, self.warmup_steps, self.overflow,
-            self.nonfinite_stats, group=self._process_group() if training else None)
+            self.nonfinite_stats, group=self._process_group() if training else None,
+            invertible=self.invertible)
         # Running buffers go to the op when it updates them (training with tracking) or reads
         # them (running statistics normalize); a module whose track_running_stats was switched
         # off keeps its buffers.
@@ -96,7 +101,7 @@ class TritonNorm:
             params.get("weight", buffers.get("weight")), params.get("bias", buffers.get("bias")),
             residual,
             batches if reads_batches else None, running_count, self.overflow_stats,
-            self.per_activation)
+            self.per_activation, self.inplace)
         if counting:
             # counted once the batch went through: a call the op rejects leaves the count alone
             batches.add_(1)
@@ -109,7 +114,7 @@ class TritonNorm:
         parts = [super().extra_repr()]
         if self.activation is not None:
             parts.append(f"activation={self.activation!r}")
-            if self.activation == "leaky_relu":
+            if self.activation in ("leaky_relu", "elu"):
                 parts.append(f"negative_slope={self.negative_slope}")
         if self.renorm is not None:
             parts.append(f"rmax={self.renorm[0]}, dmax={self.renorm[1]}, "
