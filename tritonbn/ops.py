@@ -300,10 +300,12 @@ class InPlaceFunction(torch.autograd.Function):
         out = _forward_over_input(o, a)
         ctx.mark_dirty(a.input)
         _save(ctx, o, a, out)
-        return (out[0], *out[4:])
+        # y alone (the launchers updated the buffers in place): autograd allows a Function
+        # that writes into a view to return one tensor only
+        return out[0]
 
     @staticmethod
-    def backward(ctx, grad_y, *_grads_of_the_rest):
+    def backward(ctx, grad_y):
         return _backward(ctx, grad_y)
 
 
@@ -415,10 +417,15 @@ def batch_norm_op(o: Options, a: ForwardArgs) -> Tensor:
 
 def writes_in_place(x: Tensor) -> bool:
     """Whether in-place activated batch norm may write y over x: a plain eager call (tracers
-    get the functional op, and the compiler plans the memory), not a leaf that requires grad
-    (autograd forbids it), and strides the kernels can write through (a plane view)."""
-    return _direct(x) and not (x.requires_grad and x.is_leaf) \
-        and plane_view(x.shape, [x]) is not None
+    get the functional op, and the compiler plans the memory), neither a leaf that requires
+    grad nor a view of one (autograd forbids writing into them), and strides the kernels can
+    write through (a plane view)."""
+    if not _direct(x) or plane_view(x.shape, [x]) is None:
+        return False
+    if not x.requires_grad:
+        return True
+    base = x._base if x._is_view() else x
+    return not (base.is_leaf and base.requires_grad)
 
 
 def inplace_abn_op(o: Options, a: ForwardArgs) -> Tensor:
@@ -427,7 +434,7 @@ def inplace_abn_op(o: Options, a: ForwardArgs) -> Tensor:
     if _forward_mode() or not writes_in_place(a.input):
         return batch_norm_op(o, a)          # (forward mode raises its clear error there)
     if _needs_grad(a):
-        return InPlaceFunction.apply(o, *a)[0]
+        return InPlaceFunction.apply(o, *a)
     return _forward_over_input(o, a)[0]
 
 
