@@ -79,6 +79,9 @@ EPILOGUES = {
     # overflow guards: saturating stores, fused counters (atomics), skipped non-finite channels
     # counted per channel (momentum=None)
     "guards": Options(momentum=None, saturate=True, skip_nonfinite=True),
+    # in-place activated batch norm: the backward reads y and inverts ELU (log, division by
+    # gamma) before the usual sums, with the residual
+    "abn+res": Options(activation="elu", negative_slope=1.0, invertible=True),
 }
 
 
@@ -113,6 +116,8 @@ def problems(subset: str = "full") -> list[Problem]:
                     for op in ("fwd_train", "bwd_train"):
                         out.append(Problem(op, shape, dtype, layout, "silu+res"))
                         out.append(Problem(op, shape, dtype, layout, "guards"))
+                        if subset == "full" or op == "bwd_train":
+                            out.append(Problem(op, shape, dtype, layout, "abn+res"))
                         if subset == "full":
                             out.append(Problem(op, shape, dtype, layout, "gelu+renorm"))
     return out
@@ -137,7 +142,7 @@ def capture(problem: Problem, target: Target, aligned: bool = True) -> list[tupl
     p32 = lambda: torch.empty(c, device="meta")  # noqa: E731 - float32 parameters (the AMP case)
     training = problem.op in ("fwd_train", "bwd_train")
     o = dataclasses.replace(EPILOGUES[problem.epilogue], training=training)
-    res = _meta(problem.shape, dtype, problem.layout) if o.activation else None
+    res = _meta(problem.shape, dtype, problem.layout) if o.activation or o.invertible else None
     with planner.planning_for(target.device), launch.capture_launches() as launches:
         if problem.op.startswith("fwd"):
             guarded = problem.epilogue == "guards"

@@ -41,6 +41,9 @@ def test_every_ci_plan_compiles_without_spills_for_both_targets(ci_results):
     assert {(r.target, r.aligned) for r in ci_results} == {
         (cc.TARGETS["sm90"].name, True), (cc.TARGETS["sm90"].name, False),
         (cc.TARGETS["sm80"].name, True)}
+    # in-place activated batch norm's backward (y read and inverted) in both its forms
+    inverted = {r.kernel for r in ci_results if r.flags.get("INVERTIBLE")}
+    assert inverted >= {"bn_bwd_onepass_kernel", "bn_bwd_partial_kernel", "bn_bwd_apply_kernel"}
     _gate(ci_results)
 
 
