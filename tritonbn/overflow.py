@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -75,12 +76,22 @@ def set_policy(model: torch.nn.Module, overflow: str = "propagate",
     if overflow not in OVERFLOW_POLICIES or nonfinite_stats not in NONFINITE_POLICIES:
         raise ValueError(f"set_policy: overflow in {OVERFLOW_POLICIES}, nonfinite_stats in "
                          f"{NONFINITE_POLICIES}; got {overflow!r}, {nonfinite_stats!r}")
-    for _, m in _tritonbn_layers(model):
-        m.overflow, m.nonfinite_stats = overflow, nonfinite_stats
+    kept = []
+    for name, m in _tritonbn_layers(model):
+        if overflow == "saturate" and m.invertible:
+            # in-place activated: backward inverts y, which a clipped y would not allow
+            kept.append(name)
+            m.nonfinite_stats = nonfinite_stats
+        else:
+            m.overflow, m.nonfinite_stats = overflow, nonfinite_stats
         if (nonfinite_stats == "skip" and m.momentum is None and m.track_running_stats
                 and getattr(m, "channel_batches_tracked", None) is None):
             start = m.num_batches_tracked.expand(m.features()).clone()
             m.register_buffer("channel_batches_tracked", start)
+    if kept:
+        warnings.warn(f"set_policy: in-place activated layers keep overflow='propagate' (their "
+                      f"backward inverts the output, which saturating would clip): "
+                      f"{', '.join(kept)}", UserWarning, stacklevel=2)
     return model
 
 

@@ -107,3 +107,17 @@ def test_skip_reaches_every_layer(name, device):
             assert torch.isnan(first).any()
         assert torch.isfinite(rest).all() and not torch.equal(rest, before.view(C, -1)[1:])
         assert int(m.num_batches_tracked) == 1
+
+
+def test_set_policy_leaves_in_place_activated_layers_propagating():
+    # their backward inverts y; a saturated y could not be inverted (and the op refuses it)
+    model = torch.nn.Sequential(tritonbn.BatchNorm2d(3), tritonbn.InPlaceABN2d(3))
+    with pytest.warns(UserWarning, match="in-place activated layers keep overflow='propagate'.*1"):
+        tritonbn.overflow.set_policy(model, overflow="saturate", nonfinite_stats="skip")
+    assert model[0].overflow == "saturate" and model[1].overflow == "propagate"
+    assert model[1].nonfinite_stats == "skip"
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float16) * 100
+    model.half()(x)          # runs: no saturate reaches the in-place layer
+    with pytest.raises(ValueError, match="saturate"):
+        tritonbn.functional.options(True, 0.1, 1e-5, "leaky_relu", 0.01, overflow="saturate",
+                                    invertible=True)
