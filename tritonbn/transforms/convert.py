@@ -15,8 +15,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import (ORIGIN, TRITON_TO_TORCH, NotConvertible, Origin, is_plain_swap, lookup,
-                       unswap)
+from .. import activations, functional
+from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
+                  BatchNormAct3d, SyncBatchNorm, TritonNorm)
+from .fused_modules import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
+                            FusedFrozenBatchNorm2d, FusedSyncBatchNorm)
+from .kinds import qualname
+from .registry import (FUSE_ELU, ORIGIN, TRITON_TO_TORCH, BatchNormAct, NotConvertible, Origin,
+                       is_plain_swap, lookup, set_recorded, unswap)
 from .report import (LayerRecord, TransformReport, class_name, is_batch_norm_like,
                      warn_left_on_torch)
 
@@ -43,8 +49,18 @@ def _is_tritonbn(module: nn.Module) -> bool:
     return type(module).__module__.startswith("tritonbn.")
 
 
-def convert(module: nn.Module, report: TransformReport) -> nn.Module:
-    """convert_model's work, filling ``report`` and warning about nothing; returns the root."""
+def convert(module: nn.Module, report: TransformReport, inplace_abn: bool = False) -> nn.Module:
+    """convert_model's work, filling ``report`` and warning about nothing; returns the root.
+    ``inplace_abn``: as convert_model's."""
+    token = FUSE_ELU.set(True) if inplace_abn else None
+    try:
+        return _convert(module, report, inplace_abn)
+    finally:
+        if token is not None:
+            FUSE_ELU.reset(token)
+
+
+def _convert(module: nn.Module, report: TransformReport, inplace_abn: bool) -> nn.Module:
     converted: dict = {}     # id(original module) -> its replacement: shared modules once
     for name, m in list(module.named_modules(remove_duplicate=False)):
         if id(m) in converted:
@@ -58,8 +74,10 @@ def convert(module: nn.Module, report: TransformReport) -> nn.Module:
         if _is_tritonbn(m):
             converted[id(m)] = m
             if is_batch_norm_like(m):
-                report.add(LayerRecord(name, class_name(m), class_name(m), kernels=True,
-                                       note="already tritonbn's"))
+                record = report.add(LayerRecord(name, class_name(m), class_name(m), kernels=True,
+                                                note="already tritonbn's"))
+                if inplace_abn:
+                    _make_invertible(m, record)
             continue
         conversion = lookup(type(m))
         if conversion is None:
@@ -96,10 +114,69 @@ def convert(module: nn.Module, report: TransformReport) -> nn.Module:
                 "returned a module that is not tritonbn's"
         if getattr(new, "activation", None) is not None:
             record.fused = new.activation            # fused at conversion (timm's norm + act)
+        if inplace_abn and record.kernels:
+            _make_invertible(new, record)
     return module
 
 
-def convert_model(module: nn.Module, *, report: bool = False):
+# The layers that carry an activation of their own (None: the identity), which
+# convert_model(inplace_abn=True) makes in-place activated.
+_NORM_ACT = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, BatchNormAct)
+_PLAIN = (BatchNorm1d, BatchNorm2d, BatchNorm3d, SyncBatchNorm)
+_FUSED = (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d, FusedFrozenBatchNorm2d,
+          FusedSyncBatchNorm)
+_TIMM_SYNC_NORM_ACT = ("timm.layers.norm_act.SyncBatchNormAct",
+                       "timm.models.layers.norm_act.SyncBatchNormAct")
+
+
+def _add_note(record: LayerRecord, note: str) -> None:
+    record.note = f"{record.note}; {note}" if record.note else note
+
+
+def _has_own_activation(m: nn.Module) -> bool:
+    if type(m) in _NORM_ACT:
+        return True
+    if type(m) is SyncBatchNorm:        # timm's SyncBatchNormAct (or an activation set on it)
+        origin = m.__dict__.get(ORIGIN)
+        return m.activation is not None or (
+            origin is not None and qualname(origin.cls) in _TIMM_SYNC_NORM_ACT)
+    return False
+
+
+def _make_invertible(m: nn.Module, record: LayerRecord) -> None:
+    """convert_model(inplace_abn=True) on one converted layer: in-place activated (invertible,
+    the output not written over the input) when it carries an invertible activation of its own;
+    otherwise the report's note says why not."""
+    if not isinstance(m, TritonNorm) or m.invertible:
+        return                              # left on torch, or in-place activated already
+    why = None
+    if type(m) in _PLAIN and not _has_own_activation(m):
+        why = ("no activation of its own (an in-place op after it, e.g. nn.ReLU(inplace=True), "
+               "would overwrite the output its backward needs); tritonbn.fuse(model, "
+               "inplace=True) finds batch norm -> activation pairs in the graph")
+    elif isinstance(m, _FUSED):
+        why = "a drop or activation module runs in torch around its kernels"
+    elif not _has_own_activation(m):
+        why = ("convert_model makes only batch norm + activation layers (tritonbn.BatchNormAct*d, "
+               "timm's BatchNormAct2d / SyncBatchNormAct, inplace_abn's ABN) in-place "
+               f"activated, not {class_name(m)}")
+    elif m.activation not in activations.INVERTIBLE:
+        why = (f"activation {m.activation!r} is not invertible (in-place activated batch norm "
+               "takes leaky_relu or elu with a positive slope / alpha, or none)")
+    else:
+        try:
+            functional.options(True, m.momentum, m.eps, m.activation, m.negative_slope,
+                               overflow=m.overflow, invertible=True)
+        except (TypeError, ValueError) as exc:
+            why = str(exc)
+    if why is not None:
+        _add_note(record, f"not in-place activated: {why}")
+        return
+    set_recorded(m, invertible=True)
+    _add_note(record, "in-place activated: only its output is saved for backward")
+
+
+def convert_model(module: nn.Module, *, report: bool = False, inplace_abn: bool = False):
     """Convert every batch-norm layer in ``module`` that tritonbn has a conversion for.
 
     torch.nn.BatchNorm1d/2d/3d become tritonbn.BatchNorm1d/2d/3d and SyncBatchNorm becomes
@@ -117,9 +194,29 @@ def convert_model(module: nn.Module, *, report: bool = False):
     in one ``tritonbn.ConversionWarning``. With ``report=True`` the result is
     ``(module, report)``: a ``tritonbn.TransformReport`` saying, per layer, what it became and
     why any stayed torch's (``print(report)`` shows the table).
+
+    timm's InplaceAbn and the inplace_abn package's InPlaceABN / InPlaceABNSync / ABN are
+    converted too (to tritonbn.InPlaceABN / InPlaceABNSync, in-place activated as the originals,
+    and tritonbn.transforms.registry.BatchNormAct, any rank), without the inplace_abn package;
+    the in-place ones get |weight| + eps written into their weight (tritonbn/transforms/registry.py
+    says why).
+
+    ``inplace_abn=True`` (off by default) also makes the converted layers that carry an
+    invertible activation of their own in-place activated (``invertible``: only the output is
+    saved for backward, the kernels recover the input from it, so the layer's input can be freed
+    after the forward): tritonbn.BatchNormAct1d/2d/3d with leaky_relu, elu or no activation, and
+    timm's BatchNormAct2d / SyncBatchNormAct with nn.LeakyReLU, nn.ELU (fused as elu) or
+    nn.Identity, inplace_abn's ABN with leaky_relu, elu or identity. Their
+    output is a new tensor (``inplace`` stays off: a model may still read the input, e.g. as a
+    residual shortcut). Layers with other activations (relu, silu, ...) stay as they were and
+    the report says why. Plain batch norms, with no activation of their own, are not made
+    invertible: an in-place op after one (nn.ReLU(inplace=True), ``+=``) would overwrite the
+    output its backward needs (autograd would then refuse the backward), and only a graph shows
+    what follows; ``tritonbn.fuse(model, inplace=True)`` makes the batch norm -> activation
+    pairs it finds in the graph in-place activated. restore_model undoes this too.
     """
     rep = TransformReport(stages=["convert"])
-    module = convert(module, rep)
+    module = convert(module, rep, inplace_abn)
     warn_left_on_torch(rep, "tritonbn.convert_model", stacklevel=2)
     return (module, rep) if report else module
 
@@ -128,9 +225,11 @@ def restore_model(module: nn.Module) -> nn.Module:
     """Undo ``convert_model``: tritonbn batch-norm modules become torch's classes again.
 
     tritonbn.BatchNorm1d/2d/3d and SyncBatchNorm become torch's (SyncBatchNorm with its
-    process_group), modules converted from other classes (lazy, torchvision's, timm's, registered
-    ones) what they were, with the child modules a conversion removed. In place, keeping every
-    tensor; returns the module (a new root when the root's conversion made a new object).
+    process_group), modules converted from other classes (lazy, torchvision's, timm's,
+    inplace_abn's, registered ones) what they were, with the child modules a conversion removed
+    and the attributes and buffers it added removed (an in-place class's weight gets its eps
+    back out: registry.py). In place, keeping every tensor; returns the module (a new root when
+    the root's conversion made a new object).
     Modules changed by ``fuse`` are not restored (load the state_dict into the original model).
     """
     seen: dict = {}
@@ -154,7 +253,10 @@ def _restore_one(m: nn.Module) -> nn.Module:
         if conversion is not None and conversion.restore is not None:
             m.__dict__.pop(ORIGIN, None)
             return conversion.restore(m)
-        return unswap(m)
+        m = unswap(m)
+        if type(m) not in TRITON_TO_TORCH:
+            return m
+        # (an Origin kept on a tritonbn.SyncBatchNorm by convert_model(inplace_abn=True))
     torch_cls = TRITON_TO_TORCH.get(type(m))
     if torch_cls is not None:
         m.__dict__.pop(ORIGIN, None)   # e.g. a lazy module materialized since its conversion

@@ -18,9 +18,36 @@ Built in:
   ``FusedFrozenBatchNorm2d`` holding the same ``drop`` (and unfusable ``act``) module, which
   torch runs in between (see tritonbn/transforms/fused_modules.py). timm's forward is torch's batch norm
   followed by drop and act, so the converted layer computes the same in train and eval mode.
+  (``convert_model(..., inplace_abn=True)`` fuses an ``nn.ELU`` act, as "elu", in any case.)
+* timm's ``InplaceAbn`` and the inplace_abn package's (mapillary's) ``InPlaceABN`` /
+  ``InPlaceABNSync`` -> ``tritonbn.InPlaceABN`` (any rank) / ``tritonbn.InPlaceABNSync`` (its
+  ``group`` kept), in-place activated as the originals: only the output is saved for backward
+  and it is written over the input. The activation (``act_name`` / ``activation``:
+  "leaky_relu", "elu" or "identity", with ``act_param`` / ``activation_param``), eps, momentum,
+  affine, training mode and every Parameter and buffer are kept (class swaps); one without a
+  ``num_batches_tracked`` buffer (timm's, inplace_abn before 1.1) gets a zero one. These run
+  without the inplace_abn package, which timm's layer needs for its forward.
+  **The weight becomes |weight| + eps, in place** (same Parameter, under no_grad): the
+  inplace_abn kernels scale by |weight| + eps (and timm's InplaceAbn calls them; timm's TResNet
+  checkpoint filter makes the same change for torch's BatchNorm2d), where tritonbn's scale by
+  the weight (kept at |weight| >= eps, sign and all), so the converted layer computes what the
+  original did. Its gradient is then the original's with the sign of the original weight, as
+  an optimizer moves |weight|; training differs only when a weight would cross zero (the
+  original reflects, tritonbn's changes sign) and in what weight decay sees (|w| + eps, not w).
+  restore_model writes w = max(|w'| - eps, 0) with w''s sign back (the same scale where w' >= 0;
+  a negative w' cannot be expressed: a warning says how many channels lost their sign). So a
+  state_dict saved from the converted model holds |w| + eps: load it into a converted model, or
+  restore_model before saving one for the original classes. A
+  ``drop`` module other than a no-op, or any other child module, is refused (timm's
+  InplaceAbn ignores its ``drop_layer`` argument today); so is an activation the original does
+  not take (relu in the in-place classes) or cannot invert (a slope <= 0). momentum=None, which
+  the originals without a batch counter cannot use, becomes torch's cumulative average.
+* the inplace_abn package's ``ABN`` (batch norm, then relu / leaky_relu / elu / identity, out of
+  place) -> ``BatchNormAct`` (below: tritonbn.BatchNormAct2d on any rank) with that activation
+  fused; its weight is used as it is (ABN calls torch's batch norm).
 
-Classes of torchvision and timm are matched by name (``module.QualName``): nothing here imports
-either package.
+Classes of torchvision, timm and inplace_abn are matched by name (``module.QualName``): nothing
+here imports those packages.
 
 ``tritonbn.register_conversion(cls, convert, restore=None)`` adds a conversion for any other
 class (a batch-norm subclass, another library's frozen batch norm). ``convert(module)`` returns
@@ -33,18 +60,23 @@ leaves a new object alone).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from .. import functional
 from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d, FrozenBatchNorm2d,
-                  SyncBatchNorm)
+                  InPlaceABN, InPlaceABNSync, SyncBatchNorm)
 from .fused_modules import FusedBatchNormAct2d, FusedFrozenBatchNorm2d, FusedSyncBatchNorm
-from .kinds import activation_of, has_hooks, qualname
+from .kinds import activation_of, has_hooks, is_noop, qualname
 
 __all__ = ["register_conversion", "unregister_conversion", "NotConvertible", "Conversion",
-           "lookup", "swap_class", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
+           "lookup", "swap_class", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d",
+           "BatchNormAct"]
 
 
 class NotConvertible(Exception):
@@ -112,13 +144,17 @@ def lookup(cls: type) -> Optional[Conversion]:
 @dataclass
 class Origin:
     """What a class swap changed on a module: its class, the child modules it removed (in the
-    module's original child order) and the instance attributes it set."""
+    module's original child order), the instance attributes it set (``saved``: the values of
+    those the module had before) and ``undo``, a function of the module that reverts whatever
+    else the conversion changed (added buffers, rewritten values), called last by unswap."""
 
     cls: type
     became: type
     order: tuple
     removed: dict
     attrs: tuple
+    saved: dict = field(default_factory=dict)
+    undo: Optional[Callable] = None
 
 
 ORIGIN = "_tritonbn_origin"   # the instance attribute holding a module's Origin
@@ -127,9 +163,15 @@ ORIGIN = "_tritonbn_origin"   # the instance attribute holding a module's Origin
 def swap_class(module: nn.Module, new_cls: type, remove: tuple = (), **attrs) -> nn.Module:
     """Change ``module``'s class to ``new_cls`` in place, removing the named child modules and
     setting ``attrs``; remembers what it changed for :func:`unswap`. Returns the module."""
+    return _swap(module, new_cls, remove, attrs)
+
+
+def _swap(module: nn.Module, new_cls: type, remove: tuple, attrs: dict,
+          undo: Optional[Callable] = None) -> nn.Module:
     origin = Origin(type(module), new_cls, tuple(module._modules),
                     {name: module._modules[name] for name in remove if name in module._modules},
-                    tuple(attrs))
+                    tuple(attrs), {name: module.__dict__[name] for name in attrs
+                                   if name in module.__dict__}, undo)
     for name in origin.removed:
         del module._modules[name]
     for name, value in attrs.items():
@@ -139,11 +181,27 @@ def swap_class(module: nn.Module, new_cls: type, remove: tuple = (), **attrs) ->
     return module
 
 
+def set_recorded(module: nn.Module, **attrs) -> None:
+    """Set instance attributes of a converted module so that :func:`unswap` removes them again
+    (restoring earlier values); a module without an Origin gets one that keeps its class."""
+    origin = module.__dict__.get(ORIGIN)
+    if origin is None:
+        origin = module.__dict__[ORIGIN] = Origin(type(module), type(module),
+                                                  tuple(module._modules), {}, ())
+    for name, value in attrs.items():
+        if name not in origin.attrs:
+            if name in module.__dict__:
+                origin.saved[name] = module.__dict__[name]
+            origin.attrs += (name,)
+        setattr(module, name, value)
+
+
 def unswap(module: nn.Module) -> nn.Module:
     """Undo :func:`swap_class`: the original class, children (in their order) and attributes."""
     origin = module.__dict__.pop(ORIGIN)
     for name in origin.attrs:
         module.__dict__.pop(name, None)
+    module.__dict__.update(origin.saved)
     children = dict(module._modules)
     module._modules.clear()
     for name in origin.order:
@@ -152,6 +210,8 @@ def unswap(module: nn.Module) -> nn.Module:
             module._modules[name] = child
     module._modules.update(children)     # children added since, after the original ones
     module.__class__ = origin.cls
+    if origin.undo is not None:
+        origin.undo(module)
     return module
 
 
@@ -238,7 +298,7 @@ def _convert_norm_act(module: nn.Module, pure_cls: type, partial_cls: Optional[t
     """
     children = module._modules
     drop, act = children.get("drop"), children.get("act")
-    spec = (None, 0.01) if act is None else activation_of(act)
+    spec = (None, 0.01) if act is None else _activation_spec(act)
     pure_drop = drop is None or (type(drop) is nn.Identity and not has_hooks(drop))
     if spec is not None and pure_drop:
         new = swap_class(module, pure_cls, remove=("drop", "act"),
@@ -265,3 +325,137 @@ for _package in ("timm.layers.norm_act", "timm.models.layers.norm_act"):
     register_conversion(f"{_package}.FrozenBatchNormAct2d",
                         lambda m: _convert_norm_act(m, FrozenBatchNorm2d,
                                                     FusedFrozenBatchNorm2d))
+
+
+# ----------------------------------------------------------------------------------------------
+# In-place activated batch norm: timm's InplaceAbn and the inplace_abn package's classes, by name
+
+
+# convert_model(inplace_abn=True) sets this while it converts: a timm norm + act layer whose act
+# is an nn.ELU then gets it fused ("elu", which in-place activated batch norm inverts) even where
+# kinds.activation_of does not name nn.ELU (and so leaves it to torch after the kernels).
+FUSE_ELU: ContextVar = ContextVar("tritonbn_fuse_elu", default=False)
+
+
+def _activation_spec(act: nn.Module) -> Optional[tuple]:
+    spec = activation_of(act)
+    if spec is None and FUSE_ELU.get() and type(act) is nn.ELU and not has_hooks(act):
+        spec = ("elu", float(act.alpha))
+    return spec
+
+
+class BatchNormAct(BatchNormAct2d):
+    """tritonbn.BatchNormAct2d on (N, C, ...) input of any rank: what the inplace_abn package's
+    ABN (batch norm, then its activation, out of place, on any rank) becomes."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+# The inplace_abn package's activation names (timm's InplaceAbn uses the same; "" is identity).
+_ABN_ACTIVATIONS = {"leaky_relu": "leaky_relu", "elu": "elu", "identity": None, "": None,
+                    "relu": "relu"}
+_BATCHES = "num_batches_tracked"
+
+
+def _convert_activated(module: nn.Module, new_cls: type, act_name, act_param, who: str,
+                       invertible: bool, **attrs):
+    """timm's InplaceAbn and the inplace_abn package's ABN / InPlaceABN / InPlaceABNSync: a class
+    swap to ``new_cls`` that keeps the module and every Parameter and buffer.
+
+    ``invertible`` (the in-place classes, whose kernels scale by |weight| + eps): the weight
+    becomes |weight| + eps, in place, and the layer writes its output over its input as the
+    original did. A module without ``num_batches_tracked`` (timm's, inplace_abn before 1.1)
+    gets one (zero); restore_model removes it and the weight's eps again (see the module
+    docstring).
+    """
+    allowed = ("'leaky_relu', 'elu' or 'identity'" if invertible
+               else "'relu', 'leaky_relu', 'elu' or 'identity'")
+    if not isinstance(act_name, str) or act_name not in _ABN_ACTIVATIONS or (
+            invertible and act_name == "relu"):
+        raise NotConvertible(f"activation {act_name!r}: {who} takes {allowed}")
+    activation = _ABN_ACTIVATIONS[act_name]
+    try:
+        slope = float(act_param)
+        functional.options(True, module.momentum, float(module.eps), activation, slope,
+                           invertible=invertible)
+    except (TypeError, ValueError) as exc:
+        raise NotConvertible(str(exc)) from None
+    children = dict(module._modules)
+    drop = children.pop("drop", None)
+    if drop is not None and not is_noop(drop):
+        raise NotConvertible(f"drop {type(drop).__name__}: {new_cls.__name__} has no place for "
+                             "a drop module between its batch norm and activation")
+    if children:
+        raise NotConvertible(f"child modules {', '.join(children)}: {new_cls.__name__} would "
+                             "not run them")
+    notes = [f"activation {activation or 'none'} fused"]
+    params, buffers = module._parameters, module._buffers
+    add_batches = _BATCHES not in buffers and _BATCHES not in params
+    if add_batches and module.momentum is None:
+        notes.append("momentum=None: a cumulative average, as in torch (the original cannot "
+                     "use None)")
+    abs_weight = invertible and params.get("weight") is not None
+    attrs.update(activation=activation, negative_slope=slope)
+    if invertible:
+        attrs["inplace"] = True
+        notes.append("in place, invertible")
+    if "track_running_stats" not in module.__dict__:
+        attrs["track_running_stats"] = True
+
+    def undo(m: nn.Module) -> None:
+        if add_batches:
+            m._buffers.pop(_BATCHES, None)
+        if abs_weight:
+            _remove_weight_eps(m)
+
+    if add_batches:
+        mean = buffers.get("running_mean")
+        buffers[_BATCHES] = torch.zeros((), dtype=torch.long,
+                                        device=None if mean is None else mean.device)
+    if abs_weight:
+        with torch.no_grad():
+            module.weight.abs_().add_(module.eps)
+        notes.append("weight := |weight| + eps")
+    return _swap(module, new_cls, ("drop",) if drop is not None else (), attrs, undo), \
+        "; ".join(notes)
+
+
+def _remove_weight_eps(m: nn.Module) -> None:
+    """restore_model of an in-place class: the weight w' the tritonbn layer scaled by (|w'| kept
+    >= eps) back to w with |w| + eps = max(|w'|, eps). A negative w' (trained through zero after
+    the conversion) has no such w: its sign is lost, with a warning."""
+    w = m._parameters.get("weight")
+    if w is None:
+        return
+    with torch.no_grad():
+        negative = int((w < 0).sum())
+        w.copy_(torch.copysign((w.abs() - m.eps).clamp(min=0), w))
+    if negative:
+        warnings.warn(f"tritonbn.restore_model: {type(m).__name__} scales by |weight| + eps, but "
+                      f"{negative} of its {w.numel()} channels have a negative scale since the "
+                      "conversion; they get the same scale with a positive sign", stacklevel=6)
+
+
+def _convert_timm_inplace_abn(module: nn.Module):
+    return _convert_activated(module, InPlaceABN, module.act_name, module.act_param,
+                              "timm's InplaceAbn", invertible=True)
+
+
+for _package in ("timm.layers.inplace_abn", "timm.models.layers.inplace_abn"):
+    register_conversion(f"{_package}.InplaceAbn", _convert_timm_inplace_abn)
+
+register_conversion(
+    "inplace_abn.abn.InPlaceABN",
+    lambda m: _convert_activated(m, InPlaceABN, m.activation, m.activation_param,
+                                 "inplace_abn's InPlaceABN", invertible=True))
+register_conversion(
+    "inplace_abn.abn.InPlaceABNSync",
+    lambda m: _convert_activated(m, InPlaceABNSync, m.activation, m.activation_param,
+                                 "inplace_abn's InPlaceABNSync", invertible=True,
+                                 process_group=getattr(m, "group", None)))
+register_conversion(
+    "inplace_abn.abn.ABN",
+    lambda m: _convert_activated(m, BatchNormAct, m.activation, m.activation_param,
+                                 "inplace_abn's ABN", invertible=False))
