@@ -93,7 +93,7 @@ def bn_bwd_partial_kernel(
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=1.0)   # 1: no 1/0 on channels past C
     w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
     gain = w * invstd * r
@@ -193,7 +193,7 @@ def bn_bwd_apply_kernel(
         sum_dzxhat = tl.zeros((BLOCK_C,), ACC)
 
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=1.0)   # 1: no 1/0 on channels past C
     w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
     if WRITE_SUMS:
@@ -290,7 +290,7 @@ def bn_bwd_onepass_kernel(
     n, s, rmask = tile_rows(0, 1, N, S, BLOCK_N, BLOCK_S, USE_INT64)
     mask = rmask[:, None] & cmask[None, :]
     mean = tl.load(MEAN + c, mask=cmask, other=0.0)
-    invstd = tl.load(INVSTD + c, mask=cmask, other=0.0)
+    invstd = tl.load(INVSTD + c, mask=cmask, other=1.0)   # 1: no 1/0 on channels past C
     w, b = load_affine(W, B, c, cmask, scalar(eps, ACC), ACC, HAS_W, HAS_B, INVERTIBLE)
     r, d = load_renorm(SAVE_RD, c, cmask, C, ACC, RENORM)
     gain = w * invstd * r
