@@ -1143,6 +1143,73 @@ def step_resnet_compiled(ctx: Ctx) -> None:
     _resnet_step(ctx, compiled=True)
 
 
+# ------------------------------------------------------------------------------- memory
+
+# Activation memory (bench/memory.py) of torchvision's ResNet-50 with LeakyReLU(0.01): torch
+# eager, tritonbn.fuse and tritonbn.fuse(model, inplace=True) -- the in-place activated batch
+# norm, whose saved bytes must be at most MEMORY_TARGET of torch eager's on the same model --
+# and torch's ReLU model for reference. On the GPU: 224x224 images, batch 32, with
+# torch.cuda.max_memory_allocated over one training step (bench.memory's peak column).
+MEMORY_VARIANTS = ("torch, LeakyReLU", "fuse inplace, LeakyReLU", "fuse, LeakyReLU", "torch")
+MEMORY_TARGET = 0.6
+MEMORY_GPU = ("resnet50", 224, 32)
+# Dry run: the same model at 32x32 in the interpreter (0.58x there), ~6 s; "fuse, LeakyReLU",
+# another 4 s, left out
+MEMORY_DRY = ("resnet50", 32, 2)
+MEMORY_DRY_VARIANTS = ("torch, LeakyReLU", "fuse inplace, LeakyReLU", "torch")
+
+
+def step_memory(ctx: Ctx) -> None:
+    """Bytes saved for backward and the peak of one training step (bench/memory.py) for
+    ResNet-50 with LeakyReLU: torch eager, fuse, fuse(inplace=True); fails when the in-place
+    form saves more than MEMORY_TARGET of torch's. Not in STEPS until bench/gpu_window.py gives
+    it a budget (about 20 s: ~15 batch-norm shapes' kernels compiled twice, for the fused and the
+    invertible forms, and 2 training steps per variant)."""
+    from bench import memory
+
+    gpu = _gpu()
+    device = "cuda" if gpu else "cpu"
+    small = ctx.dry or not gpu
+    name, size, batch = MEMORY_DRY if small else MEMORY_GPU
+    variants = MEMORY_DRY_VARIANTS if small else MEMORY_VARIANTS
+    s = ctx.result["summary"]
+    s.update(model=f"torchvision {name}, ReLU -> LeakyReLU(0.01) for the LeakyReLU variants",
+             device=device, image_size=size, batch=batch, dtype="float32",
+             memory_format="channels_last", target=f"fuse inplace, LeakyReLU: saved bytes <= "
+                                                  f"{MEMORY_TARGET} x torch, LeakyReLU's",
+             rows=[], not_run=[])
+
+    def saved(row) -> None:
+        s["rows"].append(row)
+        peak = "" if row["peak_step_mb"] is None else f", peak {row['peak_step_mb']} MB"
+        ctx.note(f"{row['variant']}: {row['saved_mb']} MB saved{peak}, {row['seconds']} s")
+        ctx.save()
+
+    # a variant is not started with under 2 s left: the rows so far are kept either way
+    result = memory.measure([name], variants, size, batch, device,
+                            deadline=ctx.deadline - 2, on_row=saved)
+    s["rows"] = result["rows"]          # with the ratios filled in
+    s["not_run"] = [v for v in variants if v not in {r["variant"] for r in s["rows"]}]
+    ctx.write_json("memory_rows.json", result)
+    with open(ctx.output("memory.md"), "w") as f:
+        f.write(memory.format_table(result) + "\n")
+    rows = {r["variant"]: r for r in s["rows"]}
+    inplace = rows.get("fuse inplace, LeakyReLU", {})
+    s["inplace_ratio"] = inplace.get("ratio_same_act")
+    s["inplace_peak_ratio"] = inplace.get("peak_ratio_same_act")
+    if s["inplace_ratio"] is None:
+        ctx.note("budget: the in-place variant (or its yardstick) was not measured")
+        ctx.save("partial")
+        return
+    s["target_met"] = s["inplace_ratio"] <= MEMORY_TARGET
+    peak = ("" if s["inplace_peak_ratio"] is None
+            else f"; peak {s['inplace_peak_ratio']} x torch's")
+    ctx.note(f"fuse inplace, LeakyReLU: {s['inplace_ratio']} x torch's saved bytes "
+             f"(target <= {MEMORY_TARGET}){peak}")
+    ctx.save("ok" if s["target_met"] and not s["not_run"] else
+             "partial" if s["target_met"] else "failed")
+
+
 # ------------------------------------------------------------------------------ triton_op
 
 TRITON_OP_LAYERS = 8        # BatchNormAct2d layers in the compiled model (as bench.host's)

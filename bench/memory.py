@@ -13,7 +13,13 @@ Variants of each model (built afresh from the same seed, training mode, channels
 * ``torch, LeakyReLU``: every ``nn.ReLU`` replaced by ``nn.LeakyReLU(0.01)`` with the same
   ``inplace`` flag, torch's batch norm: the model an in-place activated batch norm targets (a
   leaky ReLU is invertible, so its input can be recomputed from its output);
-* ``fuse, LeakyReLU`` (only with ``--variants``): the same model fused.
+* ``fuse, LeakyReLU`` (only with ``--variants``): the same model fused;
+* ``fuse inplace, LeakyReLU``: the same model fused with ``tritonbn.fuse(model, inplace=True)``:
+  in-place activated batch norm, each layer with an invertible activation (LeakyReLU, or none:
+  the downsample branches' batch norms) saving only its output, written over its input where
+  nothing else reads that;
+* ``fuse inplace`` (only with ``--variants``): ``fuse(model, inplace=True)`` on the ReLU model,
+  where only the layers without an activation become invertible (ReLU is not).
 
 How: one training forward runs under ``torch.autograd.graph.saved_tensors_hooks``, whose pack
 hook sees every tensor an autograd node saves (torch's ops and tritonbn's, which save with
@@ -23,11 +29,22 @@ a tensor saved by two ops (a ReLU's output saved by the ReLU and by the next con
 two views of one storage count once. Storages of the model's parameters and buffers (a
 convolution saves its weight, a batch norm its running statistics) are left out; the input
 batch, which the first convolution saves, is counted (the same in every variant). MB = 10^6
-bytes. ``ratio`` is a variant's bytes over the ``torch`` variant's of the same model.
+bytes. ``ratio`` is a variant's bytes over the ``torch`` variant's of the same model;
+``ratio_same_act`` over torch's with the same activations (``torch, LeakyReLU`` for the LeakyReLU
+variants, measured whenever one of them is).
+
+``batch_in_budget``: the largest batch whose saved activations fit ``--budget-gb`` (default 16
+GB = 16 x 10^9 bytes) at the measured image size, assuming saved bytes grow in proportion to the
+batch (per sample: saved bytes / batch). What does not grow with the batch -- the batch norms'
+per-channel statistics, about 0.2 MB on resnet50 -- is counted as if it did, so the figure is an
+underestimate by that share (1-3% here). Parameters, gradients, optimizer state and the
+transient buffers of the forward and backward are not in the budget: it is the activation
+memory's share of a device, and the figure compares variants, not devices.
 
 On a GPU each variant also gets ``torch.cuda.max_memory_allocated`` over one full training
 step (forward, ``sum`` of the output, backward; after one warm-up step, gradients set to None
-before each step): the peak, parameters and gradients included. Without a GPU that column is
+before each step): the peak, parameters and gradients included, and its ratio to the peak of
+torch's with the same activations (``peak_ratio_same_act``). Without a GPU that column is
 ``-``. On CPU the tritonbn variants run their kernels in Triton's interpreter; what is saved
 does not depend on where the kernels run, but torch's own batch norm saves different tensors
 on CPU (native) and on CUDA (cuDNN), so compare rows of one device.
@@ -43,8 +60,9 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "VARIANTS", "DEFAULT_MODELS", "DEFAULT_VARIANTS", "SavedBytes",
-           "build_model", "saved_bytes", "measure", "format_table", "main"]
+__all__ = ["MODELS", "VARIANTS", "DEFAULT_MODELS", "DEFAULT_VARIANTS", "DEFAULT_BUDGET_GB",
+           "SavedBytes", "baseline_of", "build_model", "saved_bytes", "measure", "format_table",
+           "main"]
 
 MB = 1e6
 
@@ -91,9 +109,9 @@ def _convert(model):
     return tritonbn.convert_model(model)
 
 
-def _fuse(model):
+def _fuse(model, inplace: bool = False):
     import tritonbn
-    return tritonbn.fuse(model)
+    return tritonbn.fuse(model, inplace=inplace)
 
 
 # name -> transform of a freshly built model (returns the model to run)
@@ -103,8 +121,16 @@ VARIANTS = {
     "fuse": _fuse,
     "torch, LeakyReLU": leaky_relu,
     "fuse, LeakyReLU": lambda m: _fuse(leaky_relu(m)),
+    "fuse inplace, LeakyReLU": lambda m: _fuse(leaky_relu(m), inplace=True),
+    "fuse inplace": lambda m: _fuse(m, inplace=True),
 }
-DEFAULT_VARIANTS = ("torch", "convert", "fuse", "torch, LeakyReLU")
+DEFAULT_VARIANTS = ("torch", "convert", "fuse", "torch, LeakyReLU", "fuse inplace, LeakyReLU")
+DEFAULT_BUDGET_GB = 16.0
+
+
+def baseline_of(variant: str) -> str:
+    """The torch eager variant with the same activations: the yardstick of ``ratio_same_act``."""
+    return "torch, LeakyReLU" if variant.endswith("LeakyReLU") else "torch"
 
 
 def build_model(name: str, variant: str, device: str = "cpu", seed: int = 0) -> nn.Module:
@@ -200,19 +226,31 @@ def _peak_step_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def measure(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, size: int = 64, batch: int = 2,
-            device: str | None = None) -> dict:
-    """The figures: one row per (model, variant); see the module docstring."""
+            device: str | None = None, budget_gb: float = DEFAULT_BUDGET_GB,
+            deadline: float | None = None, on_row=None) -> dict:
+    """The figures: one row per (model, variant); see the module docstring.
+
+    ``deadline`` (a ``time.time()``): no variant is started after it (the rows measured so far
+    are returned; a ratio whose denominator was not measured is None). ``on_row(row)`` is
+    called with each row as it is measured (its ratios may be filled in later, once the
+    denominators are measured)."""
     import triton
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.startswith("cuda")
     variants = list(variants)
-    if "torch" not in variants:
-        variants.insert(0, "torch")          # the ratios' denominator
+    # the ratios' denominators: torch's, and torch's with the same activations
+    missing = [b for b in ("torch", "torch, LeakyReLU")
+               if b not in variants and (b == "torch" or any(baseline_of(v) == b
+                                                               for v in variants))]
+    variants = missing + variants
+    budget = budget_gb * 1e9
     rows = []
     for name in models:
-        base = None
+        bases, peaks, mine = {}, {}, []
         for variant in variants:
+            if deadline is not None and time.time() > deadline:
+                break
             t0 = time.perf_counter()
             model = build_model(name, variant, device)
             torch.manual_seed(1)
@@ -223,18 +261,36 @@ def measure(models=DEFAULT_MODELS, variants=DEFAULT_VARIANTS, size: int = 64, ba
             del model
             if gpu:
                 torch.cuda.empty_cache()
-            if variant == "torch":
-                base = counted.nbytes
-            rows.append(dict(model=name, variant=variant, saved_bytes=counted.nbytes,
-                             saved_mb=round(counted.nbytes / MB, 2),
-                             ratio=round(counted.nbytes / base, 3),
-                             storages=counted.storages, saves=counted.tensors,
-                             peak_step_bytes=peak,
-                             peak_step_mb=None if peak is None else round(peak / MB, 1),
-                             seconds=round(time.perf_counter() - t0, 1)))
+            bases[variant], peaks[variant] = counted.nbytes, peak
+            row = dict(model=name, variant=variant, saved_bytes=counted.nbytes,
+                       saved_mb=round(counted.nbytes / MB, 2), ratio=None, ratio_same_act=None,
+                       batch_in_budget=int(budget // (counted.nbytes / batch)),
+                       storages=counted.storages, saves=counted.tensors,
+                       peak_step_bytes=peak,
+                       peak_step_mb=None if peak is None else round(peak / MB, 1),
+                       peak_ratio_same_act=None, seconds=round(time.perf_counter() - t0, 1))
+            rows.append(row)
+            mine.append(row)
+            _ratios(mine, bases, peaks)
+            if on_row is not None:
+                on_row(row)
+        _ratios(mine, bases, peaks)
     return {"device": _device_name(device), "gpu": gpu, "torch": torch.__version__,
-            "triton": triton.__version__, "size": size, "batch": batch, "dtype": "float32",
+            "triton": triton.__version__, "size": size, "batch": batch, "budget_gb": budget_gb,
+            "dtype": "float32",
             "memory_format": "channels_last", "rows": rows, "date": time.strftime("%Y-%m-%d")}
+
+
+def _ratios(rows: list, bases: dict, peaks: dict) -> None:
+    """Fill in the ratios of one model's rows whose denominators have been measured."""
+    for r in rows:
+        same = baseline_of(r["variant"])
+        if "torch" in bases:
+            r["ratio"] = round(r["saved_bytes"] / bases["torch"], 3)
+        if same in bases:
+            r["ratio_same_act"] = round(r["saved_bytes"] / bases[same], 3)
+            if peaks.get(same) and r["peak_step_bytes"] is not None:
+                r["peak_ratio_same_act"] = round(r["peak_step_bytes"] / peaks[same], 3)
 
 
 def _device_name(device: str) -> str:
@@ -250,12 +306,20 @@ def format_table(result: dict) -> str:
              f"{result['date']}: batch {result['batch']}, {result['size']}x{result['size']} "
              f"images, {result['dtype']}, {result['memory_format']}; {result['device']}; "
              f"torch {result['torch']}, triton {result['triton']}", "",
-             f"| model | variant | saved MB | ratio to torch | storages (saves) | {peak} |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             f"| model | variant | saved MB | ratio to torch | ratio to torch, same "
+             f"activations | largest batch in {result['budget_gb']:g} GB | storages (saves) "
+             f"| {peak} |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def ratio(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for r in result["rows"]:
         p = "-" if r["peak_step_mb"] is None else r["peak_step_mb"]
+        if r["peak_ratio_same_act"] is not None:
+            p = f"{p} ({r['peak_ratio_same_act']:.3f} of torch's, same activations)"
         lines.append(f"| {r['model']} | {r['variant']} | {r['saved_mb']:.2f} | "
-                     f"{r['ratio']:.3f} | {r['storages']} ({r['saves']}) | {p} |")
+                     f"{ratio(r['ratio'])} | {ratio(r['ratio_same_act'])} | "
+                     f"{r['batch_in_budget']} | {r['storages']} ({r['saves']}) | {p} |")
     return "\n".join(lines)
 
 
@@ -269,6 +333,9 @@ def main(argv=None) -> int:
                              f"(default: %(default)s)")
     parser.add_argument("--size", type=int, default=64, help="image height and width")
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--budget-gb", type=float, default=DEFAULT_BUDGET_GB,
+                        help="memory budget of the largest-batch column, GB = 10^9 bytes of "
+                             "saved activations (default: %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -281,7 +348,9 @@ def main(argv=None) -> int:
             parser.error(f"unknown variant {v!r}; choose from {'; '.join(VARIANTS)}")
     if args.size < 1 or args.batch < 1:
         parser.error("--size and --batch must be at least 1")
-    result = measure(models, variants, args.size, args.batch)
+    if not args.budget_gb > 0:
+        parser.error("--budget-gb must be positive")
+    result = measure(models, variants, args.size, args.batch, budget_gb=args.budget_gb)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -270,3 +270,26 @@ def test_bundle_survives_findings_it_does_not_expect(tmp_path):
     assert [e.split(":")[0] for e in written["bundle_errors"]] == ["headline", "report"]
     assert written["headline"] == []
     assert "could not be rendered" in (out / "report.md").read_text()
+
+
+def test_memory_step_dry_run(tmp_path):
+    # not in STEPS until bench/gpu_window.py gives it a budget: run here directly, as its
+    # process would (the interpreter: resnet50 at 32x32, ~6 s)
+    ctx = steps.Ctx("memory", str(tmp_path / "memory"), str(tmp_path), REPO, time.time() + 120,
+                    True)
+    steps.step_memory(ctx)
+    result = json.loads((tmp_path / "memory" / "result.json").read_text())
+    assert result["status"] == "ok", result["notes"]
+    assert set(result["outputs"]) == {"memory_rows.json", "memory.md"}
+    s = result["summary"]
+    assert [r["variant"] for r in s["rows"]] == list(steps.MEMORY_DRY_VARIANTS)
+    assert s["target_met"] and s["inplace_ratio"] <= steps.MEMORY_TARGET
+    assert all(r["ratio"] is not None and r["peak_step_mb"] is None for r in s["rows"])
+    table = (tmp_path / "memory" / "memory.md").read_text()
+    assert "| resnet50 | fuse inplace, LeakyReLU |" in table
+    # past its deadline it starts nothing and says so
+    late = steps.Ctx("memory", str(tmp_path / "late"), str(tmp_path), REPO, time.time() - 1, True)
+    steps.step_memory(late)
+    cut = json.loads((tmp_path / "late" / "result.json").read_text())
+    assert cut["status"] == "partial" and not cut["summary"]["rows"]
+    assert cut["summary"]["not_run"] == list(steps.MEMORY_DRY_VARIANTS)

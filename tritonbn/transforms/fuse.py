@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import numbers
 import operator
 import os
@@ -35,7 +36,7 @@ from torch import fx, nn
 
 from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
                   BatchNormAct3d, FrozenBatchNorm2d, SyncBatchNorm)
-from .. import activations  # noqa: F401 - the fused modules' unfused fallback (fused_modules.py)
+from .. import activations
 from .convert import convert
 from .fused_modules import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
                     FusedFrozenBatchNorm2d, FusedSyncBatchNorm)
@@ -71,6 +72,7 @@ _ACT_FUNCTIONS = {
     F.hardswish: ("hardswish", ("inplace",)),
     torch.sigmoid: ("sigmoid", ()), torch.sigmoid_: ("sigmoid", ()),
     torch.tanh: ("tanh", ()), torch.tanh_: ("tanh", ()),
+    F.elu: ("elu", ("alpha", "inplace")), F.elu_: ("elu", ("alpha",)),
 }  # F.sigmoid and F.tanh call the tensor methods, which fx records
 _ACT_METHODS = {"relu": ("relu", ()), "relu_": ("relu", ()), "sigmoid": ("sigmoid", ()),
                 "sigmoid_": ("sigmoid", ()), "tanh": ("tanh", ()), "tanh_": ("tanh", ())}
@@ -97,7 +99,8 @@ def _call_args(node: fx.Node, names: tuple):
 
 
 def _activation(node: fx.Node, modules: dict):
-    """(input node, activation, negative_slope) when ``node`` is a fusable activation, else None."""
+    """(input node, activation, negative_slope -- elu's alpha for "elu") when ``node`` is a
+    fusable activation, else None."""
     if node.op == "call_module":
         m = modules[node.target]
         spec = activation_of(m)
@@ -120,7 +123,8 @@ def _activation(node: fx.Node, modules: dict):
     # Constants only: a value computed in the graph (a Node) is unknown until run time.
     if not isinstance(params.get("inplace", False), bool):
         return None  # an in-place activation is fine: its input has no other use (checked)
-    slope = params.get("negative_slope", 0.01)
+    # the kernels' one activation parameter: leaky_relu's slope, or elu's alpha
+    slope = params.get("alpha", 1.0) if name == "elu" else params.get("negative_slope", 0.01)
     if isinstance(slope, bool) or not isinstance(slope, numbers.Real):
         return None
     if name == "gelu":
@@ -358,6 +362,208 @@ def _rewrite(gm: fx.GraphModule, records: dict, prefix: str) -> int:
     return fused
 
 
+# ----------------------------------------------------------------------------------------------
+# In-place activated batch norm: fuse(model, inplace=True)
+
+# The layers the pass may make invertible: exact tritonbn classes (renorm, per-activation and
+# InPlaceABN layers are left as they are).
+_INVERTIBLE_CLASSES = frozenset(_FUSED_CLASS) | frozenset(_FUSED_CLASS.values())
+
+# Calls whose result may be (a view of) their first argument: an in-place write into the
+# result writes into the argument. Methods, functions, attributes (``y.T``, ``y.data``) and
+# modules; ``.to()``-style conversions return their input itself when nothing changes.
+_VIEW_METHODS = frozenset((
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
+    "transpose", "permute", "t", "expand", "expand_as", "narrow", "select", "split",
+    "split_with_sizes", "chunk", "tensor_split", "unbind", "contiguous", "detach", "as_strided",
+    "unfold", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "__getitem__", "to",
+    "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "real", "imag", "view_as_real", "align_as", "refine_names", "rename"))
+_VIEW_FUNCTIONS = frozenset((
+    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+    torch.t, torch.narrow, torch.select, torch.split, torch.chunk, torch.tensor_split,
+    torch.unbind, torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.detach,
+    torch.diagonal, torch.as_strided, torch.real, torch.imag, operator.getitem))
+_VIEW_ATTRIBUTES = frozenset(("T", "mT", "H", "mH", "data", "real", "imag"))
+_VIEW_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+# Operators that write into their first argument.
+_INPLACE_OPERATORS = frozenset((
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+    operator.ilshift, operator.irshift, operator.setitem))
+# What may produce a batch norm's input for the layer to write y over it: a call returning a new
+# tensor that it does not save for backward (a convolution and a linear layer save their input,
+# an add or a concatenation nothing). Anything else may return a view of a tensor still read
+# elsewhere, or its output saved (ReLU's), or the caller's own tensor (the model's input).
+_FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.Linear)
+_FRESH_FUNCTIONS = frozenset((F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+                              F.conv_transpose2d, F.conv_transpose3d, F.linear, operator.add,
+                              operator.sub, torch.add, torch.sub, torch.cat, torch.concat))
+_FRESH_METHODS = frozenset(("add", "sub"))
+
+
+def _is_view(user: fx.Node, value: fx.Node, modules: dict) -> bool:
+    """Whether ``user`` returns (a view of) ``value`` itself, which it takes first."""
+    if not user.args or user.args[0] is not value:
+        return False
+    if user.op == "call_method":
+        return user.target in _VIEW_METHODS
+    if user.op == "call_function":
+        if user.target is getattr:
+            return len(user.args) > 1 and user.args[1] in _VIEW_ATTRIBUTES
+        return _hashable(user.target) and user.target in _VIEW_FUNCTIONS
+    if user.op == "call_module":
+        return type(modules[user.target]) in _VIEW_MODULES
+    return False
+
+
+def _inplace_argument(node: fx.Node) -> bool:
+    """Whether a call passes ``inplace`` as True (or as a value known only at run time)."""
+    value = node.kwargs.get("inplace", False)
+    if value is False and callable(node.target):
+        try:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        except (TypeError, ValueError):
+            return False
+        value = bound.arguments.get("inplace", False)
+    return value is not False and value is not None and value != 0
+
+
+def _writer(user: fx.Node, value: fx.Node, modules: dict, root: bool) -> str:
+    """How ``user`` writes into ``value`` in place, or may: a description, "" when it does not."""
+    first = bool(user.args) and user.args[0] is value
+    if user.kwargs.get("out") is value:
+        return f"{_describe(user, modules)} (out=)"
+    if user.op == "output":
+        # the root graph's outputs go to the caller; a part's, to its parent's untraced forward
+        return "" if root else "the untraced forward it returns to"
+    if user.op == "call_method":
+        target = user.target
+        writes = target.endswith("_") and not target.startswith("_") or target.startswith("__i")
+        return _describe(user, modules) if writes and first else ""
+    if user.op == "call_function":
+        target = user.target
+        if not _hashable(target):
+            return ""
+        name = getattr(target, "__name__", "")
+        writes = (target in _INPLACE_OPERATORS or name.endswith("_") and not name.startswith("_")
+                  or _inplace_argument(user))
+        return _describe(user, modules) if writes and first else ""
+    if user.op == "call_module":
+        m = modules[user.target]
+        ours = type(m).__module__.startswith(("torch.nn.", "tritonbn."))
+        # torch's modules and tritonbn's say so with ``inplace`` (tritonbn's write over their
+        # input, not the residual); another module traced as one call might anywhere inside
+        inplace = (getattr(m, "inplace", False) is True and first if ours else
+                   any(getattr(s, "inplace", False) is True for s in m.modules()))
+        return _describe(user, modules) + (" (in place)" if ours else
+                                           ", which holds an in-place module") if inplace else ""
+    return ""
+
+
+def _written_in_place(value: fx.Node, modules: dict, root: bool, skip=None) -> str:
+    """What writes into ``value`` in place after it is computed (through views of it), "" when
+    nothing does; ``skip``: a user not to look at."""
+    todo, seen = [value], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if user is skip:
+                continue
+            if _is_view(user, node, modules):
+                todo.append(user)
+                continue
+            why = _writer(user, node, modules, root)
+            if why:
+                return why
+    return ""
+
+
+def _fresh_input(node: fx.Node, modules: dict) -> str:
+    """"" when the batch norm called at ``node`` may write y over its input; else why not."""
+    src = node.args[0] if node.args else None
+    if not isinstance(src, fx.Node):
+        return "its input is not a value of the graph"
+    if len(src.users) != 1 or _uses(node, src) != 1:
+        return f"its input is read {sum(_uses(u, src) for u in src.users)} times"
+    if src.op == "call_module":
+        m = modules[src.target]
+        fresh = type(m) in _FRESH_MODULES and not has_hooks(m)
+    elif src.op == "call_function":
+        fresh = _hashable(src.target) and src.target in _FRESH_FUNCTIONS
+    elif src.op == "call_method":
+        fresh = src.target in _FRESH_METHODS
+    else:
+        fresh = False
+    if fresh:
+        return ""
+    what = "the model's input" if src.op == "placeholder" else _describe(src, modules)
+    return f"its input comes from {what}, which may keep or share it"
+
+
+def _not_invertible(node: fx.Node, bn: nn.Module, modules: dict, calls: collections.Counter,
+                    root: bool) -> str:
+    """"" when the batch norm called at ``node`` may save its output instead of its input;
+    else why not."""
+    act = bn.activation
+    if act not in activations.INVERTIBLE:
+        return f"{act} is not invertible"
+    if act is not None and not bn.negative_slope > 0:
+        what = "alpha" if act == "elu" else "negative_slope"
+        return f"{act} with {what} {bn.negative_slope} is not invertible"
+    if has_hooks(bn):
+        return "it has hooks"
+    if calls[node.target] != 1:
+        return f"the module is called {calls[node.target]} times"
+    if len(node.args) != 1 or set(node.kwargs) - {"residual"}:
+        return "called with more than its input and residual"
+    if bn.overflow == "saturate":
+        return "overflow='saturate' clips its output, which then cannot be inverted"
+    for child in ("drop", "act"):
+        m = bn._modules.get(child)
+        if m is not None and getattr(m, "inplace", False) is True:
+            return f"its {type(m).__name__} runs in place on its output"
+    why = _written_in_place(node, modules, root)
+    if why:
+        return f"its output is modified in place by {why}"
+    residual = node.kwargs.get("residual")
+    if isinstance(residual, fx.Node):
+        why = _written_in_place(residual, modules, root, skip=node)
+        if why:
+            return f"its residual operand is modified in place by {why}"
+    return ""
+
+
+def _make_invertible(gm: fx.GraphModule, records: dict, prefix: str, root: bool) -> int:
+    """In-place activated batch norm for the layers of ``gm`` (already fused) that allow it:
+    ``invertible`` (save y, recover x from it) when the activation is invertible and nothing
+    writes into y (or the saved residual) in place; ``inplace`` (write y over x) too when x is a
+    fresh value read by nothing else. Returns how many layers became invertible."""
+    modules = dict(gm.named_modules())
+    calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    made = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(modules[node.target]) not in _INVERTIBLE_CLASSES:
+            continue
+        bn = modules[node.target]
+        record = records.get(prefix + node.target)
+        why = _not_invertible(node, bn, modules, calls, root)
+        if why:
+            if record is not None:
+                record.note = _join(record.note, f"not in-place activated: {why}")
+            continue
+        over = _fresh_input(node, modules)
+        bn.invertible, bn.inplace = True, not over
+        made += 1
+        if record is not None:
+            record.note = _join(record.note, "in-place activated: saves its output, " + (
+                "written over its input" if not over else f"not over its input ({over})"))
+    return made
+
+
 def _join(a: str, b: str) -> str:
     return f"{a}; {b}" if a else b
 
@@ -543,9 +749,10 @@ def _contains_batch_norm(module: nn.Module) -> bool:
 
 
 class _Fuser:
-    def __init__(self, report: TransformReport):
+    def __init__(self, report: TransformReport, inplace: bool = False):
         self.records = report.layers
         self.extra = _timm_fx()
+        self.inplace = inplace      # fuse(inplace=True): in-place activated batch norm
         self.problems: list = []    # why a module was fused part by part, one per module
         self.fused = 0              # chains fused
 
@@ -562,6 +769,8 @@ class _Fuser:
             return self._by_parts(module, prefix, why)
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         self.fused += _rewrite(gm, self.records, prefix)
+        if self.inplace:
+            _make_invertible(gm, self.records, prefix, root=not prefix)
         self._note_unreached(gm, module, prefix, leaves)
         gm.graph.lint()
         gm.delete_all_unused_submodules()  # the fused activations' and moved drops' modules
@@ -626,7 +835,7 @@ def _path_name(prefix: str, module: nn.Module) -> str:
             else type(module).__name__)
 
 
-def fuse(model: nn.Module, *, report: bool = False):
+def fuse(model: nn.Module, *, report: bool = False, inplace: bool = False):
     """Fuse each batch norm with the residual add and activation that follow it.
 
     Returns a new ``torch.fx.GraphModule``; ``model`` is not changed (the rewrite works on a deep
@@ -636,7 +845,8 @@ def fuse(model: nn.Module, *, report: bool = False):
       ``FrozenBatchNorm2d``, and the converted layers of torchvision and timm) followed by an
       activation, by an add then an activation, or by an add alone is one fused call computing
       act(BN(x) + residual) in the batch-norm kernels (forward and backward). Activations: ReLU,
-      ReLU6, LeakyReLU, SiLU, GELU (approximate "none" or "tanh"), Hardswish, Sigmoid, Tanh, as
+      ReLU6, LeakyReLU, SiLU, GELU (approximate "none" or "tanh"), Hardswish, Sigmoid, Tanh, ELU
+      (its alpha kept as the layer's ``negative_slope``), as
       ``nn`` modules (and timm's activation layers), ``torch.nn.functional`` calls
       (``inplace=True`` too) and ``torch.relu`` / ``tensor.relu()``-style calls; adds: ``+``,
       ``+=``, ``torch.add`` (alpha 1), ``tensor.add`` / ``add_``, with the batch norm as either
@@ -669,9 +879,27 @@ def fuse(model: nn.Module, *, report: bool = False):
     the model itself is a converted deep copy, not a GraphModule. A bare batch-norm module gives
     a converted copy. Layers left on torch are named in a ``tritonbn.ConversionWarning``.
 
+    With ``inplace=True`` the layers become in-place activated batch norms where that is safe
+    (see tritonbn.InPlaceABN): a layer whose activation is invertible -- LeakyReLU with a
+    positive slope, ELU, or none (BN -> add, and a batch norm fused with nothing) -- saves only
+    its output y for backward, which recovers the input from it, instead of its input
+    (``layer.invertible``); where the input is a fresh value (a convolution's, a linear layer's,
+    an add's or a concatenation's output) that nothing else reads, y is also written over it
+    (``layer.inplace``). Left as they are, with the reason in the report's note: layers whose
+    activation is not invertible (ReLU, ReLU6, SiLU, GELU, ...), and layers whose output (or
+    saved residual) is later modified in place by something fuse did not absorb -- an in-place
+    method or operator (``add_``, ``relu_``, ``+=`` in a graph built by other means, item
+    assignment), a module with ``inplace=True``, a module traced as one call that holds one,
+    or, in a submodule fused on its own, its parent's untraced forward -- since that would
+    overwrite the saved y. The model's own outputs must not be modified in place before
+    backward (autograd raises if they are). As in tritonbn.InPlaceABN, an invertible layer uses
+    gamma with |gamma| >= eps (sign kept): a gamma closer to 0 than eps (``zero_init_residual``
+    initializes some to exactly 0) computes as +-eps.
+
     With ``report=True`` the result is ``(fused model, report)``: a ``tritonbn.TransformReport``
     saying, per batch-norm-like layer, what it became, what was fused into it, and why a layer
-    was not fused or converted.
+    was not fused or converted (with ``inplace=True``, also whether it was made in-place
+    activated, and why not).
     """
     rep = TransformReport(stages=["convert", "fuse"])
     # The copy's batch norms become tritonbn's (in place: the GraphModule below holds the same
@@ -681,7 +909,7 @@ def fuse(model: nn.Module, *, report: bool = False):
         # a bare batch norm: nothing after it to fuse (and fx would trace into it)
         fused = model
     else:
-        fuser = _Fuser(rep)
+        fuser = _Fuser(rep, inplace)
         fused = fuser.fuse(model, "")
         if fuser.problems:
             parts = "; ".join(fuser.problems[:4])

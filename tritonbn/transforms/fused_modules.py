@@ -16,6 +16,12 @@ fused into the batch-norm kernels. Two optional child modules cover what the ker
 * ``act``: an activation module tritonbn does not fuse (kept from a converted layer such as
   timm's BatchNormAct2d with PReLU or Mish), run by torch last.
 
+An in-place activated layer (``invertible``, set by ``tritonbn.fuse(model, inplace=True)``)
+saves its output for backward instead of its input. Where torch finishes the chain (an active
+drop, a residual that does not fit) that output is the batch norm's alone -- invertible with no
+activation -- which the drop, the add and the activation read without modifying it; fuse leaves
+a layer whose ``drop`` or ``act`` runs in place non-invertible.
+
 fx sees no shapes, so a rewritten add can meet a residual that broadcasts or promotes the dtype at
 run time; that residual is added by torch after tritonbn's batch norm (same result, unfused).
 """

@@ -32,7 +32,7 @@ def has_hooks(m: nn.Module) -> bool:
 # Activation modules, exact types: a subclass may compute something else.
 _TORCH_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu",
                       nn.SiLU: "silu", nn.GELU: "gelu", nn.Hardswish: "hardswish",
-                      nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+                      nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.ELU: "elu"}
 # timm's own activation layers (timm.layers.activations): same functions as tritonbn's, up to
 # rounding (Swish is x * sigmoid(x), HardSwish x * relu6(x + 3) / 6).
 _TIMM_ACTIVATIONS = {f"{package}.{name}": act
@@ -44,7 +44,8 @@ _TIMM_ACTIVATIONS = {f"{package}.{name}": act
 
 def activation_of(m: nn.Module) -> Optional[tuple]:
     """(tritonbn activation name, negative_slope) when ``m`` is an activation module tritonbn
-    fuses (and has no hooks), else None. nn.Identity is (None, 0.01): no activation."""
+    fuses (and has no hooks), else None. nn.Identity is (None, 0.01): no activation. ELU's
+    alpha is stored as the negative_slope (the kernels' one activation parameter)."""
     if has_hooks(m):
         return None
     cls = type(m)
@@ -57,6 +58,8 @@ def activation_of(m: nn.Module) -> Optional[tuple]:
         name = {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
         if name is None:
             return None
+    if name == "elu":
+        return name, float(m.alpha)
     return name, float(getattr(m, "negative_slope", 0.01))
 
 
