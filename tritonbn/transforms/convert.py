@@ -21,7 +21,7 @@ from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNo
 from .fused_modules import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
                             FusedFrozenBatchNorm2d, FusedSyncBatchNorm)
 from .kinds import qualname
-from .registry import (FUSE_ELU, ORIGIN, TRITON_TO_TORCH, BatchNormAct, NotConvertible, Origin,
+from .registry import (ORIGIN, TRITON_TO_TORCH, BatchNormAct, NotConvertible, Origin,
                        is_plain_swap, lookup, set_recorded, unswap)
 from .report import (LayerRecord, TransformReport, class_name, is_batch_norm_like,
                      warn_left_on_torch)
@@ -52,15 +52,6 @@ def _is_tritonbn(module: nn.Module) -> bool:
 def convert(module: nn.Module, report: TransformReport, inplace_abn: bool = False) -> nn.Module:
     """convert_model's work, filling ``report`` and warning about nothing; returns the root.
     ``inplace_abn``: as convert_model's."""
-    token = FUSE_ELU.set(True) if inplace_abn else None
-    try:
-        return _convert(module, report, inplace_abn)
-    finally:
-        if token is not None:
-            FUSE_ELU.reset(token)
-
-
-def _convert(module: nn.Module, report: TransformReport, inplace_abn: bool) -> nn.Module:
     converted: dict = {}     # id(original module) -> its replacement: shared modules once
     for name, m in list(module.named_modules(remove_duplicate=False)):
         if id(m) in converted:

@@ -13,7 +13,7 @@ Built in:
   the ``drop`` module, then the ``act`` module) -> ``tritonbn.BatchNormAct2d`` /
   ``tritonbn.SyncBatchNorm`` / ``tritonbn.FrozenBatchNorm2d`` with the activation fused, when the
   drop slot is ``nn.Identity`` and the activation is one tritonbn fuses (ReLU, ReLU6, LeakyReLU,
-  SiLU, GELU, Hardswish, Sigmoid, Tanh, Identity, and timm's own GELU / Sigmoid / Tanh / Swish /
+  ELU, SiLU, GELU, Hardswish, Sigmoid, Tanh, Identity, and timm's own GELU / Sigmoid / Tanh / Swish /
   HardSwish); otherwise -> ``FusedBatchNormAct2d`` / ``FusedSyncBatchNorm`` /
   ``FusedFrozenBatchNorm2d`` holding the same ``drop`` (and unfusable ``act``) module, which
   torch runs in between (see tritonbn/transforms/fused_modules.py). timm's forward is torch's batch norm
@@ -61,7 +61,6 @@ leaves a new object alone).
 from __future__ import annotations
 
 import warnings
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -298,7 +297,7 @@ def _convert_norm_act(module: nn.Module, pure_cls: type, partial_cls: Optional[t
     """
     children = module._modules
     drop, act = children.get("drop"), children.get("act")
-    spec = (None, 0.01) if act is None else _activation_spec(act)
+    spec = (None, 0.01) if act is None else activation_of(act)
     pure_drop = drop is None or (type(drop) is nn.Identity and not has_hooks(drop))
     if spec is not None and pure_drop:
         new = swap_class(module, pure_cls, remove=("drop", "act"),
@@ -329,19 +328,6 @@ for _package in ("timm.layers.norm_act", "timm.models.layers.norm_act"):
 
 # ----------------------------------------------------------------------------------------------
 # In-place activated batch norm: timm's InplaceAbn and the inplace_abn package's classes, by name
-
-
-# convert_model(inplace_abn=True) sets this while it converts: a timm norm + act layer whose act
-# is an nn.ELU then gets it fused ("elu", which in-place activated batch norm inverts) even where
-# kinds.activation_of does not name nn.ELU (and so leaves it to torch after the kernels).
-FUSE_ELU: ContextVar = ContextVar("tritonbn_fuse_elu", default=False)
-
-
-def _activation_spec(act: nn.Module) -> Optional[tuple]:
-    spec = activation_of(act)
-    if spec is None and FUSE_ELU.get() and type(act) is nn.ELU and not has_hooks(act):
-        spec = ("elu", float(act.alpha))
-    return spec
 
 
 class BatchNormAct(BatchNormAct2d):
