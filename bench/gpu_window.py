@@ -73,7 +73,7 @@ STEPS = (
                       "offsets, float64 chunked references (~10 GB read per layout)"),
     Step("memcheck", 30, "compute-sanitizer starts torch slowly (~10 s) and instruments each "
                          "of ~12 kernel compiles and launches"),
-    Step("bench", 70, "tritonbn and torch eager, 5 ops x 2 dtypes x 2 layouts per shape: "
+    Step("bench", 60, "tritonbn and torch eager, 5 ops x 2 dtypes x 2 layouts per shape: "
                       "~0.1 s per measurement plus ~30 kernel compiles for the first shape, "
                       "fewer after; the step stops before a shape it cannot finish"),
     Step("host", 15, "host time per call: 4 cases x 3 figures x 3 rounds x 300 calls of a few "
@@ -83,10 +83,13 @@ STEPS = (
     Step("resnet", 45, "ResNet-50 at batch 64 and 256, torch / convert / fuse, 3 warm-up and 10 "
                        "timed steps each (~0.1 s per step at 256) after compiling the kernels "
                        "of ~15 batch-norm shapes"),
+    Step("memory", 20, "ResNet-50 (LeakyReLU) bytes saved for backward and peak of a training "
+                       "step at batch 32: torch, fuse, fuse(inplace=True); ~15 batch-norm "
+                       "shapes' kernels compiled for the fused and the in-place forms"),
     Step("tune", 20, "3 problems x 5 plans, each compiled (~1 s) and timed"),
     Step("bench_compile", 35, "torch.compile (inductor) compiles one graph per case and op: "
                               "~10 s for the first, a few seconds each after"),
-    Step("resnet_compiled", 50, "inductor compiles a ResNet-50 training step in about a minute "
+    Step("resnet_compiled", 40, "inductor compiles a ResNet-50 training step in about a minute "
                                 "on 16 cores: at most one or two variants fit"),
     Step("triton_op", 25, "TRITONBN_COMPILED=triton_op (opt-in until this step has passed on a "
                           "GPU): inductor compiles two 8-layer training steps (~10 s each) "

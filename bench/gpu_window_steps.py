@@ -1162,9 +1162,9 @@ MEMORY_DRY_VARIANTS = ("torch, LeakyReLU", "fuse inplace, LeakyReLU", "torch")
 def step_memory(ctx: Ctx) -> None:
     """Bytes saved for backward and the peak of one training step (bench/memory.py) for
     ResNet-50 with LeakyReLU: torch eager, fuse, fuse(inplace=True); fails when the in-place
-    form saves more than MEMORY_TARGET of torch's. Not in STEPS until bench/gpu_window.py gives
-    it a budget (about 20 s: ~15 batch-norm shapes' kernels compiled twice, for the fused and the
-    invertible forms, and 2 training steps per variant)."""
+    form saves more than MEMORY_TARGET of torch's (budget: ~15 batch-norm shapes' kernels
+    compiled twice, for the fused and the invertible forms, and 2 training steps per
+    variant)."""
     from bench import memory
 
     gpu = _gpu()
@@ -1588,6 +1588,7 @@ STEPS = {
     "host": step_host,
     "perf_model": step_perf_model,
     "resnet": step_resnet,
+    "memory": step_memory,
     "tune": step_tune,
     "bench_compile": step_bench_compile,
     "resnet_compiled": step_resnet_compiled,

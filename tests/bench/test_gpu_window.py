@@ -32,6 +32,7 @@ EXPECTED_OUTPUTS = {
     "host": ["host.json"],
     "perf_model": ["perf_vs_model.csv", "perf_vs_model.json"],
     "resnet": [],
+    "memory": ["memory_rows.json", "memory.md"],
     "tune": ["tuning_table.json", "tune.txt"],
     "bench_compile": ["bench_rows.json"],
     "resnet_compiled": [],
