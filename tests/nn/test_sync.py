@@ -40,6 +40,24 @@ def test_convert_sync_batchnorm_keeps_tensors_and_runs_locally():
     assert sum(launches.values()) >= 1
 
 
+def test_convert_sync_batchnorm_keeps_an_in_place_activated_layer_one():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1),
+                                tritonbn.InPlaceABN2d(4, activation="elu", activation_param=0.5))
+    converted = tritonbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    layer = converted[1]
+    assert isinstance(layer, tritonbn.SyncBatchNorm)
+    assert (layer.invertible, layer.inplace, layer.activation, layer.negative_slope) == (
+        True, True, "elu", 0.5)
+    x = torch.randn(4, 3, 5, 5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = converted(x)
+    # only the layer's output (over the conv's output) is saved, never a separate input
+    assert any(t.data_ptr() == y.data_ptr() for t in saved)
+    assert all(t.shape != y.shape or t.data_ptr() == y.data_ptr() for t in saved
+               if t is not x)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager",
                                      pytest.param("inductor", marks=pytest.mark.slow)])
 def test_sync_batch_norm_compiles_with_fullgraph(backend, tmp_path):

@@ -69,7 +69,9 @@ class SyncBatchNorm(TritonNorm, _BatchNorm):
             out.training = module.training
             if hasattr(module, "qconfig"):
                 out.qconfig = module.qconfig
-            for attr in ("activation", "negative_slope"):
+            # a fused or in-place activated layer stays one: its activation, and whether it
+            # saves its output instead of its input (invertible) and writes it over the input
+            for attr in ("activation", "negative_slope", "invertible", "inplace"):
                 if hasattr(module, attr):
                     setattr(out, attr, getattr(module, attr))
         for name, child in module.named_children():
