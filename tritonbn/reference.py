@@ -15,7 +15,7 @@ from . import activations
 from .options import BackwardArgs, ForwardArgs, Options
 
 __all__ = ["batch_norm_reference", "fit", "moments", "forward_apply", "backward_sums",
-           "backward_apply", "overflow", "invertible_weight", "recovered_input"]
+           "backward_apply", "overflow", "invertible_weight", "floored_gamma", "recovered_input"]
 
 
 def _channel_shape(x: torch.Tensor) -> list[int]:
@@ -37,9 +37,13 @@ def invertible_weight(weight: Optional[torch.Tensor], o: Options) -> Optional[to
     sign kept, + for 0), as in kernels/common.py's load_affine."""
     if weight is None or not o.invertible:
         return weight
-    w = weight.detach().double()
-    floor = torch.where(w < 0, -o.eps, o.eps).to(w)
-    return torch.where(w.abs() < o.eps, floor, w)
+    return floored_gamma(weight.detach().double(), o.eps)
+
+
+def floored_gamma(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """``w`` with every |w| < eps raised to eps, its sign kept (+ for 0)."""
+    floor = torch.where(w < 0, -eps, eps).to(w)
+    return torch.where(w.abs() < eps, floor, w)
 
 
 def recovered_input(a: BackwardArgs, o: Options) -> torch.Tensor:

@@ -132,3 +132,19 @@ def test_fold_refuses_training_mode():
     model.layer1.bn1.train()  # one batch norm left training inside an eval model
     with pytest.raises(RuntimeError, match="layer1.bn1"):
         tritonbn.fold_into_conv(model)
+
+
+def test_fold_keeps_an_in_place_activated_layers_gamma_floor():
+    # its kernels use |gamma| >= eps: the folded conv must scale by the same gamma
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    abn = tritonbn.InPlaceABN2d(4, activation="leaky_relu", activation_param=0.1).double()
+    with torch.no_grad():
+        abn.weight.copy_(torch.tensor([0.0, 1e-7, -1e-7, 1.5], dtype=torch.float64))
+        abn.running_mean.normal_()
+        abn.running_var.uniform_(0.5, 2.0)
+    model = nn.Sequential(conv, abn).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = model(x.clone())
+    folded = tritonbn.fold_into_conv(model)
+    assert not any(isinstance(m, tritonbn.InPlaceABN2d) for m in folded.modules())  # folded
+    torch.testing.assert_close(folded(x), expected, rtol=1e-12, atol=1e-12)

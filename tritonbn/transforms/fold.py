@@ -29,6 +29,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import activations
+from ..reference import floored_gamma
 from .fuse import _timm_fx
 from .kinds import has_hooks, qualname
 from .report import LayerRecord, TransformReport, class_name, is_batch_norm_like
@@ -103,12 +104,14 @@ def _bn_kind(m: nn.Module):
     from .fused_modules import (FusedBatchNormAct1d, FusedBatchNormAct2d, FusedBatchNormAct3d,
                         FusedFrozenBatchNorm2d, FusedSyncBatchNorm)
     from ..nn import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d,
-                      BatchNormAct3d, SyncBatchNorm)
+                      BatchNormAct3d, InPlaceABN, InPlaceABN1d, InPlaceABN2d, InPlaceABN3d,
+                      InPlaceABNSync, SyncBatchNorm)
     plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNorm1d,
              BatchNorm2d, BatchNorm3d, SyncBatchNorm, FrozenBatchNorm2d)
     with_epilogue = (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, FusedBatchNormAct1d,
                      FusedBatchNormAct2d, FusedBatchNormAct3d, FusedFrozenBatchNorm2d,
-                     FusedSyncBatchNorm)
+                     FusedSyncBatchNorm, InPlaceABN, InPlaceABN1d, InPlaceABN2d, InPlaceABN3d,
+                     InPlaceABNSync)
     cls = type(m)
     if cls in plain or cls in with_epilogue:
         kids = m._modules
@@ -152,8 +155,11 @@ def _folded(layer: nn.Module, bn: nn.Module) -> nn.Module:
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     shift = -bn.running_mean.double() * scale
     if getattr(bn, "weight", None) is not None:
-        scale = scale * bn.weight.double()
-        shift = shift * bn.weight.double()
+        gamma = bn.weight.double()
+        if getattr(bn, "invertible", False):    # in-place activated: its kernels' |gamma| >= eps
+            gamma = floored_gamma(gamma, bn.eps)
+        scale = scale * gamma
+        shift = shift * gamma
     if getattr(bn, "bias", None) is not None:
         shift = shift + bn.bias.double()
     weight = layer.weight.double()
