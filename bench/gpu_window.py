@@ -94,7 +94,7 @@ STEPS = (
     Step("triton_op", 25, "TRITONBN_COMPILED=triton_op (opt-in until this step has passed on a "
                           "GPU): inductor compiles two 8-layer training steps (~10 s each) "
                           "checked against eager, then host time per layer"),
-    Step("pytest_numerics", 20, "204 numerics tests, most of them compiling a specialization; "
+    Step("pytest_numerics", 20, "~310 numerics tests, most of them compiling a specialization; "
                                 "least urgent (the interpreter runs them in every CI): a cut "
                                 "run still lists every test that finished"),
 )

@@ -60,11 +60,12 @@ COMPILE_CASES = [("channels_last", "bfloat16"), ("contiguous", "float16"),
 COMPILE_OPS = ("fwd_train", "bwd", "relu_fwd", "fwd_eval")
 
 # The numerics-relevant test files run again on the GPU (the default suite runs them in the
-# interpreter): tiles, plans, variants, epilogues and overflow guards.
+# interpreter): tiles, plans, variants, epilogues, overflow guards, in-place activated batch
+# norm (never run on a GPU before this step).
 NUMERICS_TESTS = ["tests/op/test_numerics.py", "tests/op/test_forced_plans.py",
                   "tests/op/test_stats_tiles.py", "tests/op/test_variants.py",
                   "tests/op/test_overflow_guards.py", "tests/op/test_epilogue.py",
-                  "tests/op/test_layout.py"]
+                  "tests/op/test_layout.py", "tests/op/test_inplace_abn.py"]
 # Dry run: a handful of those tests (each file's cheapest), so the pytest step is exercised in
 # seconds; the GPU run takes every test of every file.
 DRY_NUMERICS_K = "test_stride_zero_gradient or test_float16_near_limit"
