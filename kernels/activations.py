@@ -103,14 +103,31 @@ def activate_grad(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def invert(y, ACT: tl.constexpr, slope):
+def resolution(PTR):
+    """The eps of the dtype PTR points to: how finely a stored value near 1 (or -alpha, for
+    an ELU output in units of alpha) is resolved."""
+    if PTR.dtype.element_ty == tl.float16:
+        eps = 9.765625e-04              # 2^-10
+    elif PTR.dtype.element_ty == tl.bfloat16:
+        eps = 7.8125e-03                # 2^-7
+    elif PTR.dtype.element_ty == tl.float32:
+        eps = 1.1920928955078125e-07    # 2^-23
+    else:
+        eps = 2.220446049250313e-16     # 2^-52
+    return eps
+
+
+@triton.jit
+def invert(y, ACT: tl.constexpr, slope, floor):
     """z from y = act(z) for an invertible activation (INVERTIBLE; leaky_relu's slope > 0).
-    ELU's inverse log(1 + y / alpha) is taken no lower than log(2^-126) ~ -87: below about
-    -17 (float32) exp(z) has no digits left in y, and z is then lost, not just inaccurate."""
+    ELU's inverse log(1 + y / alpha) is taken no lower than log(floor), ``floor`` the eps of
+    the dtype y was stored in (``resolution``): further below, exp(z) has no digits left in
+    the stored y, and z is lost, not just inaccurate (about -6.9 in float16, -4.9 in
+    bfloat16, -15.9 in float32)."""
     if ACT == 3:
         z = tl.where(y > 0, y, y / slope)
     elif ACT == 10:
-        z = tl.where(y > 0, y, tl.log(tl.maximum(1.0 + y / slope, 1.1754943508222875e-38)))
+        z = tl.where(y > 0, y, tl.log(tl.maximum(1.0 + y / slope, floor)))
     else:
         z = y
     return z

@@ -18,7 +18,7 @@ many): deterministic, no atomics.
 import triton
 import triton.language as tl
 
-from .activations import activate_grad, activate_grad_at_output, invert
+from .activations import activate_grad, activate_grad_at_output, invert, resolution
 from .common import (channel_offsets, load_affine, load_renorm, load_residual, merge_partials,
                      preactivation, scalar, tile_ptrs, tile_rows)
 from .overflow import store_fit
@@ -35,17 +35,18 @@ def _grad_preact(dy, x, res, mean, gain, shift, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def _dz_xc(dy, v, res, mean, gain, inv_gain, shift, ACT: tl.constexpr, slope,
+def _dz_xc(dy, v, res, mean, gain, inv_gain, shift, ACT: tl.constexpr, slope, v_eps,
            INVERTIBLE: tl.constexpr):
     """(dz, x - mean) on a tile. ``v`` is the forward's input x or, INVERTIBLE (in-place
     activated batch norm), its output y = act(z): then z = act^-1(y), x - mean =
-    (z - shift - res) / gain and act'(z) comes from y itself."""
+    (z - shift - res) / gain and act'(z) comes from y itself (``v_eps``: the eps of the dtype
+    y was stored in, activations.invert)."""
     if INVERTIBLE:
         if ACT == 0:
             dz = dy
         else:
             dz = dy * activate_grad_at_output(v, ACT, slope)
-        xc = (invert(v, ACT, slope) - shift[None, :] - res) * inv_gain[None, :]
+        xc = (invert(v, ACT, slope, v_eps) - shift[None, :] - res) * inv_gain[None, :]
     else:
         dz = _grad_preact(dy, v, res, mean, gain, shift, ACT, slope)
         xc = v - mean[None, :]
@@ -119,7 +120,7 @@ def bn_bwd_partial_kernel(
         res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC, HAS_RES,
                             USE_INT64)
         dz, xc = _dz_xc(dy.to(ACC), x, res, mean, gain, inv_gain, shift, ACT, neg_slope,
-                        INVERTIBLE)
+                        resolution(X), INVERTIBLE)
         dz = tl.where(mask, dz, 0.0)
         acc_dz += dz
         acc_dzxc += dz * xc
@@ -230,7 +231,8 @@ def bn_bwd_apply_kernel(
         res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC,
                             HAS_RES and ((INVERTIBLE and TRAINING)
                                          or (ACT != 0 and not INVERTIBLE)), USE_INT64)
-        dz, xc = _dz_xc(dy, x, res, mean, gain, inv_gain, shift, ACT, neg_slope, INVERTIBLE)
+        dz, xc = _dz_xc(dy, x, res, mean, gain, inv_gain, shift, ACT, neg_slope, resolution(X),
+                        INVERTIBLE)
         if TRAINING:
             dx = gain[None, :] * (dz - mean_dz[None, :]) - coef_xc[None, :] * xc
         else:
@@ -303,7 +305,7 @@ def bn_bwd_onepass_kernel(
     res = load_residual(RES, n, s, c, stride_rn, stride_rc, stride_rs, mask, ACC,
                         HAS_RES and (ACT != 0 or INVERTIBLE), USE_INT64)
     dz, xc = _dz_xc(dy.to(ACC), x, res, mean, gain, inv_gain, shift, ACT, scalar(slope, ACC),
-                    INVERTIBLE)
+                    resolution(X), INVERTIBLE)
     dz = tl.where(mask, dz, 0.0)
     xc = tl.where(mask, xc, 0.0)
     sum_dz = tl.sum(dz, axis=0)

@@ -236,7 +236,7 @@ def load_residual(
     stride_rn, stride_rc, stride_rs,   # the residual's strides (None without it)
     mask,               # the tile's valid elements
     ACC: tl.constexpr,
-    LOAD: tl.constexpr,  # false: no residual, or a backward without an activation (no z needed)
+    LOAD: tl.constexpr,  # false: no residual, or a backward that needs neither z nor x_hat from it
     USE_INT64: tl.constexpr,
 ):
     """The residual's tile in the accumulation dtype, or 0.0 without a load."""

@@ -206,7 +206,7 @@ def bn_fwd_apply_kernel(
     warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     momentum: tl.float64,   # running-statistics momentum
     eps: tl.float64,        # added to the variance
-    slope: tl.float64,      # leaky_relu negative slope
+    slope: tl.float64,      # leaky_relu negative slope, elu's alpha
     rmax: tl.float64,       # batch renorm clipping limits
     dmax: tl.float64,
     ACC: tl.constexpr,
@@ -318,7 +318,7 @@ def bn_fwd_onepass_kernel(
     warmup_steps,       # batch renorm: steps with r = 1, d = 0 (WARMUP)
     momentum: tl.float64,   # running-statistics momentum
     eps: tl.float64,        # added to the variance
-    slope: tl.float64,      # leaky_relu negative slope
+    slope: tl.float64,      # leaky_relu negative slope, elu's alpha
     rmax: tl.float64,       # batch renorm clipping limits
     dmax: tl.float64,
     ACC: tl.constexpr,

@@ -415,12 +415,18 @@ def batch_norm_op(o: Options, a: ForwardArgs) -> Tensor:
     return out[0]
 
 
-def writes_in_place(x: Tensor) -> bool:
+def writes_in_place(x: Tensor, residual: Optional[Tensor] = None) -> bool:
     """Whether in-place activated batch norm may write y over x: a plain eager call (tracers
-    get the functional op, and the compiler plans the memory), neither a leaf that requires
-    grad nor a view of one (autograd forbids writing into them), and strides the kernels can
-    write through (a plane view)."""
-    if not _direct(x) or plane_view(x.shape, [x]) is None:
+    get the functional op, and the compiler plans the memory); neither a leaf that requires
+    grad nor a view of one (autograd forbids writing into them); strides the kernels can write
+    through (a plane view) with no two elements at one address (an expanded view: a program
+    could read an element another one already overwrote); and no residual in x's storage (the
+    backward reads the residual, which the write would change)."""
+    if not _direct(x) or plane_view(x.shape, [x]) is None \
+            or torch._debug_has_internal_overlap(x) != 0:
+        return False
+    if residual is not None and \
+            residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         return False
     if not x.requires_grad:
         return True
@@ -431,7 +437,7 @@ def writes_in_place(x: Tensor) -> bool:
 def inplace_abn_op(o: Options, a: ForwardArgs) -> Tensor:
     """In-place activated batch norm (``o.invertible``): y over x where ``writes_in_place``
     allows, else a new y; either way only y is saved for backward. Returns y."""
-    if _forward_mode() or not writes_in_place(a.input):
+    if _forward_mode() or not writes_in_place(a.input, a.residual):
         return batch_norm_op(o, a)          # (forward mode raises its clear error there)
     if _needs_grad(a):
         return InPlaceFunction.apply(o, *a)

@@ -58,7 +58,9 @@ def recovered_input(a: BackwardArgs, o: Options) -> torch.Tensor:
     if o.activation == "leaky_relu":
         z = torch.where(y > 0, y, y / o.negative_slope)
     elif o.activation == "elu":
-        z = torch.where(y > 0, y, torch.log((1 + y / o.negative_slope).clamp(min=2.0 ** -126)))
+        # no lower than log(eps of the stored dtype), as the kernels (activations.invert)
+        floor = torch.finfo(a.input.dtype).eps
+        z = torch.where(y > 0, y, torch.log((1 + y / o.negative_slope).clamp(min=floor)))
     else:
         z = y
     if a.residual is not None:

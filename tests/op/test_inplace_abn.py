@@ -259,6 +259,30 @@ def test_low_precision_gradient_error_next_to_torch(dtype, activation, param, de
     assert not failures, f"{dtype} {activation}: " + "; ".join(failures) + f" | worst {summary}"
 
 
+def test_float16_elu_far_below_zero_stays_bounded(device):
+    # With beta = -7 most pre-activations z lie where float16 has rounded y = alpha (e^z - 1)
+    # to -alpha: z is lost there, and the inverse takes log(eps of float16) ~ -6.9 instead of
+    # log(2^-126). Measured dx error against float64: 0.09 (torch's own float16: 0.001; 2.03
+    # with the 2^-126 floor). The bound is what the floor buys, not torch's accuracy.
+    g = torch.Generator().manual_seed(40)
+    x64 = torch.randn(8, 4, 8, 8, generator=g, dtype=F64)
+    dy64 = torch.randn(8, 4, 8, 8, generator=g, dtype=F64)
+    w, b = torch.full((4,), 1.0, device=device), torch.full((4,), -7.0, device=device)
+    grads = []
+    for dtype in (torch.float16, F64):
+        x = x64.to(device=device, dtype=dtype).requires_grad_()
+        pw, pb = (w, b) if dtype is torch.float16 else (w.double(), b.double())
+        if dtype is torch.float16:
+            y = tritonbn.inplace_abn(x * 1, pw, pb, None, None, activation="elu",
+                                     activation_param=1.0)
+        else:
+            y = torch_abn(x, pw, pb, None, None, True, 0.1, 1e-5, "elu", 1.0)
+        y.backward(dy64.to(device=device, dtype=dtype))
+        grads.append(x.grad.double())
+    err = ((grads[0] - grads[1]).norm() / grads[1].norm()).item()
+    assert err < 0.15, err
+
+
 # ---------------------------------------------------------------------- 3. in-place semantics
 
 def _abn_args(c, device, dtype=torch.float32, requires_grad=True):
@@ -359,6 +383,37 @@ def test_input_without_a_plane_view_gets_a_new_tensor(device):
     ref = torch_abn(before, w.detach(), b.detach(), None, None, True, 0.1, 1e-5, "leaky_relu",
                     0.01)
     assert rel_err(y, ref) <= 1e-5
+
+
+def test_the_input_as_its_own_residual_gets_a_new_tensor(device):
+    # the backward reads the residual: overwriting x would change it (silently wrong gradients)
+    x0 = make_input((4, 3, 4, 4), F64, "contiguous", device, seed=30)
+    dy = make_input((4, 3, 4, 4), F64, "contiguous", device, seed=31)
+    w, b, _, _ = _params(3, F64, device, 30)
+    grads = []
+    for ours in (True, False):
+        x = x0.clone().requires_grad_()
+        h = x * 1.0
+        y = tritonbn.inplace_abn(h, w, b, None, None, residual=h) if ours else \
+            torch_abn(h, w, b, None, None, True, 0.1, 1e-5, "leaky_relu", 0.01, residual=h)
+        if ours:
+            assert y.data_ptr() != h.data_ptr() and torch.equal(h.detach(), x0)
+        y.backward(dy)
+        grads.append((y.detach(), x.grad))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) <= 1e-9
+
+
+def test_an_expanded_input_gets_a_new_tensor(device):
+    # stride 0: several elements at one address, which one program could overwrite before
+    # another reads it
+    x = make_input((1, 3, 4, 4), F64, "contiguous", device, seed=32).expand(4, 3, 4, 4)
+    w, b, _, _ = _params(3, F64, device, 32)
+    with forced_plan(variant="split", block_n=1, block_s=16, splits=4):
+        y = tritonbn.inplace_abn(x, w, b, None, None)
+    assert y.data_ptr() != x.data_ptr()
+    want = torch_abn(x.contiguous(), w, b, None, None, True, 0.1, 1e-5, "leaky_relu", 0.01)
+    assert rel_err(y, want) <= 1e-9
 
 
 def test_node_that_saved_the_input_raises_in_backward(device):

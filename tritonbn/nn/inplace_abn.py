@@ -10,7 +10,9 @@ that is allowed (``tritonbn.inplace_abn``), which saves the transient second buf
 Constructor, attributes and state_dict follow the inplace_abn package's ``InPlaceABN(num_features,
 eps, momentum, affine, activation="leaky_relu", activation_param=0.01)``; its "identity" is
 ``activation=None`` here. gamma is used with |gamma| >= eps (sign kept), the package's
-safeguard in a form that leaves every |gamma| >= eps exact.
+safeguard in a form that leaves every |gamma| >= eps exact. The package's own layers compute
+with |weight| + eps: a state_dict it saved needs that applied to ``weight`` after loading
+(``tritonbn.convert_model`` on the package's modules does it).
 """
 from __future__ import annotations
 

@@ -201,10 +201,13 @@ def convert_model(module: nn.Module, *, report: bool = False, inplace_abn: bool 
     output is a new tensor (``inplace`` stays off: a model may still read the input, e.g. as a
     residual shortcut). Layers with other activations (relu, silu, ...) stay as they were and
     the report says why. Plain batch norms, with no activation of their own, are not made
-    invertible: an in-place op after one (nn.ReLU(inplace=True), ``+=``) would overwrite the
-    output its backward needs (autograd would then refuse the backward), and only a graph shows
-    what follows; ``tritonbn.fuse(model, inplace=True)`` makes the batch norm -> activation
-    pairs it finds in the graph in-place activated. restore_model undoes this too.
+    invertible: nearly all of them are followed by an activation module, often
+    nn.ReLU(inplace=True), which would overwrite the output their backward needs, and only a
+    graph shows what follows; ``tritonbn.fuse(model, inplace=True)`` makes the batch norm ->
+    activation pairs it finds in the graph in-place activated. Any layer made invertible here
+    can still meet an in-place op after it (``x = bn_act(x); x += shortcut``): autograd then
+    refuses the backward ("modified by an inplace operation"), it never computes a wrong
+    gradient; convert without ``inplace_abn`` for such a model. restore_model undoes this too.
     """
     rep = TransformReport(stages=["convert"])
     module = convert(module, rep, inplace_abn)

@@ -377,7 +377,8 @@ _VIEW_METHODS = frozenset((
     "transpose", "permute", "t", "expand", "expand_as", "narrow", "select", "split",
     "split_with_sizes", "chunk", "tensor_split", "unbind", "contiguous", "detach", "as_strided",
     "unfold", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "__getitem__", "to",
-    "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "real", "imag", "view_as_real", "align_as", "refine_names", "rename"))
+    "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda", "view_as_real",
+    "align_as", "refine_names", "rename"))
 _VIEW_FUNCTIONS = frozenset((
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
     torch.t, torch.narrow, torch.select, torch.split, torch.chunk, torch.tensor_split,
