@@ -439,3 +439,20 @@ def test_convert_command_prints_the_table():
     assert strict.returncode == 1 and "left on torch" in strict.stdout
     bad = _cli("--model", "no_such_module:factory")
     assert bad.returncode == 2 and "--model 'no_such_module:factory'" in bad.stderr
+
+
+def leaky_factory():
+    """--inplace's target: BN -> LeakyReLU (invertible) and BN -> ReLU (not)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.1),
+                         nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+
+def test_convert_command_with_inplace_says_which_layers_save_only_their_output():
+    proc = _cli("--model", f"{__name__}:leaky_factory", "--fuse", "--inplace", "--markdown")
+    assert proc.returncode == 0, proc.stderr
+    row = {line.split(" | ")[0].lstrip("| "): line for line in proc.stdout.splitlines()
+           if line.startswith("| ")}
+    assert "in-place activated: saves its output, written over its input" in row["1"]
+    assert "not in-place activated: relu is not invertible" in row["4"]
+    plain = _cli("--model", f"{__name__}:leaky_factory", "--fuse", "--markdown")
+    assert "in-place" not in plain.stdout

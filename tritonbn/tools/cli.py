@@ -179,9 +179,10 @@ def convert(args, parser) -> int:
         # the table says everything the warnings would (layers left on torch, fuse's fallbacks)
         warnings.simplefilter("ignore")
         if args.fuse:
-            _, report = tritonbn.fuse(model, report=True)
+            _, report = tritonbn.fuse(model, report=True, inplace=args.inplace)
         else:
-            _, report = tritonbn.convert_model(copy.deepcopy(model), report=True)
+            _, report = tritonbn.convert_model(copy.deepcopy(model), report=True,
+                                               inplace_abn=args.inplace)
         if args.fold:
             _, folds = tritonbn.fold_into_conv(copy.deepcopy(model).eval(), report=True)
             report = TransformReport(report.stages + ["fold"], report.layers)
@@ -244,6 +245,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                                 "e.g. torchvision.models:resnet50")
     p_convert.add_argument("--fuse", action="store_true",
                            help="also fuse (tritonbn.fuse): what each layer is fused with")
+    p_convert.add_argument("--inplace", action="store_true",
+                           help="in-place activated batch norm where it applies "
+                                "(fuse(inplace=True), or convert_model(inplace_abn=True) "
+                                "without --fuse): which layers save only their output, and why "
+                                "the others do not")
     p_convert.add_argument("--fold", action="store_true",
                            help="also fold (tritonbn.fold_into_conv, eval mode): which layer "
                                 "each batch norm folds into")
