@@ -224,18 +224,18 @@ def group_name(process_group=None) -> str:
     return group.group_name
 
 
-# the inplace_abn package's activation names -> tritonbn's
-_ABN_ACTIVATIONS = {"identity": None, None: None, "leaky_relu": "leaky_relu", "elu": "elu"}
+# the inplace_abn package's names of the invertible activations -> tritonbn's
+ABN_ACTIVATIONS = {"identity": None, None: None, "leaky_relu": "leaky_relu", "elu": "elu"}
 
 
 def abn_activation(activation: Optional[str]) -> Optional[str]:
     """tritonbn's name for an in-place activated batch norm's activation ("identity": None);
     ValueError for one that is not invertible."""
-    if activation not in _ABN_ACTIVATIONS:
+    if activation not in ABN_ACTIVATIONS:
         raise ValueError(f"inplace_abn: activation must be 'leaky_relu', 'elu' or 'identity' "
                          f"(invertible, so x can be recovered from the output), got "
                          f"{activation!r}")
-    return _ABN_ACTIVATIONS[activation]
+    return ABN_ACTIVATIONS[activation]
 
 
 def _abn_options(training, momentum, eps, activation, activation_param,
@@ -266,7 +266,6 @@ def inplace_abn(input: Tensor, weight: Optional[Tensor] = None, bias: Optional[T
     gives exactly batch norm + activation. In half precision x_hat is recovered from a rounded
     y: its error grows like |beta / gamma| (docs/usage.md states the measured bound).
     """
-    _check_abn_input(input)
     o = _abn_options(training, momentum, eps, activation, activation_param)
     return run(input, o, running_mean, running_var, weight, bias, residual, inplace=inplace)
 
@@ -279,15 +278,6 @@ def inplace_abn_sync(input: Tensor, weight: Optional[Tensor] = None,
                      residual: Optional[Tensor] = None, inplace: bool = True) -> Tensor:
     """``inplace_abn`` with statistics synchronized over the processes of ``group`` (default:
     the world) in training, as ``sync_batch_norm``; eval is ``inplace_abn``."""
-    _check_abn_input(input)
     o = _abn_options(training, momentum, eps, activation, activation_param,
                      group=group_name(group) if training else None)
     return run(input, o, running_mean, running_var, weight, bias, residual, inplace=inplace)
-
-
-def _check_abn_input(input) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"inplace_abn: input must be a Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(f"inplace_abn: expected an (N, C, ...) input of 2 or more dimensions, "
-                         f"got shape {tuple(input.shape)}")

@@ -247,10 +247,7 @@ def _run_forward(o: Options, a: ForwardArgs) -> tuple:
     tracers, the custom op (whose new values the caller copies back)."""
     if _direct(a.input):
         out = launch.forward(a, o, in_place=True)
-        # The kernels wrote raw memory: bump the version counters as an in-place op would, so
-        # autograd still catches a saved running statistic modified afterwards.
-        increment_version([t for name in launch.updated_names(o)
-                           if (t := getattr(a, name)) is not None])
+        _written(o, a)
         return out
     if _traced_ops(o):
         return batch_norm_forward_traced(*a, o.encode())
@@ -445,13 +442,19 @@ def inplace_abn_op(o: Options, a: ForwardArgs) -> Tensor:
 
 
 def _forward_over_input(o: Options, a: ForwardArgs) -> tuple:
-    """The launchers writing y over x. Raw writes: x and the updated buffers get new versions,
-    as an in-place op's would, so a node that saved x before it was overwritten raises instead
-    of reading y."""
+    """The launchers writing y over x (x's version bumped too: a node that saved x before it was
+    overwritten raises instead of reading y)."""
     out = launch.forward(a, o, in_place=True, out=a.input)
-    increment_version([a.input, *(t for name in launch.updated_names(o)
-                                  if (t := getattr(a, name)) is not None)])
+    _written(o, a, a.input)
     return out
+
+
+def _written(o: Options, a: ForwardArgs, *more: Tensor) -> None:
+    """The kernels wrote raw memory: bump the version counters of the tensors the op updated
+    (and ``more``) as an in-place op would, so autograd still catches a saved tensor modified
+    afterwards."""
+    increment_version([*more, *(t for name in launch.updated_names(o)
+                                if (t := getattr(a, name)) is not None)])
 
 
 def _copy_back(o: Options, a: ForwardArgs, new: tuple) -> None:

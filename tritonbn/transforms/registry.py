@@ -18,7 +18,6 @@ Built in:
   ``FusedFrozenBatchNorm2d`` holding the same ``drop`` (and unfusable ``act``) module, which
   torch runs in between (see tritonbn/transforms/fused_modules.py). timm's forward is torch's batch norm
   followed by drop and act, so the converted layer computes the same in train and eval mode.
-  (``convert_model(..., inplace_abn=True)`` fuses an ``nn.ELU`` act, as "elu", in any case.)
 * timm's ``InplaceAbn`` and the inplace_abn package's (mapillary's) ``InPlaceABN`` /
   ``InPlaceABNSync`` -> ``tritonbn.InPlaceABN`` (any rank) / ``tritonbn.InPlaceABNSync`` (its
   ``group`` kept), in-place activated as the originals: only the output is saved for backward
@@ -339,9 +338,9 @@ class BatchNormAct(BatchNormAct2d):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
 
-# The inplace_abn package's activation names (timm's InplaceAbn uses the same; "" is identity).
-_ABN_ACTIVATIONS = {"leaky_relu": "leaky_relu", "elu": "elu", "identity": None, "": None,
-                    "relu": "relu"}
+# The inplace_abn package's activation names (timm's InplaceAbn uses the same; "" is identity):
+# the invertible ones, and relu for its ABN.
+_ABN_ACTIVATIONS = {**functional.ABN_ACTIVATIONS, "": None, "relu": "relu"}
 _BATCHES = "num_batches_tracked"
 
 
