@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 
 
-__all__ = ["launch", "by_name", "scalar_key", "Constants"]
+__all__ = ["Site", "launch", "by_name", "scalar_key", "Constants"]
 
 _NOT_SUPPORTED = object()
 
@@ -121,14 +122,15 @@ def by_name(kernel, tensors: tuple, ints: tuple, floats: tuple) -> dict:
 
 
 def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
-           constants: Constants, scalars: int | None = None) -> None:
+           constants: Constants, scalars: int | None = None):
     """Launch ``kernel[grid](**arguments by name, **constants)`` -- directly when this
     specialization has been launched before. ``scalars``: ``scalar_key(ints, constants)``,
-    when the caller kept it."""
+    when the caller kept it. Returns (device, entry) when the launch took the direct path or
+    made its entry, else None."""
     if _knobs is None or not hasattr(kernel, "device_caches") or not (
             _silent(_knobs.launch_enter_hook) and _silent(_knobs.launch_exit_hook)):
         kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
-        return
+        return None
     active = _driver.active
     device = active.get_current_device()
     codes, addresses = _pointers(tensors)
@@ -141,13 +143,105 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
     if entry is None or entry is _NOT_SUPPORTED:
         compiled = kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
         if entry is None:
-            entries[key] = _entry(kernel, compiled, constants)
-        return
+            entry = entries[key] = _entry(kernel, compiled, constants)
+        return None if entry is _NOT_SUPPORTED else (device, entry)
     launcher, function, packed_metadata, tail = entry
     grid_1 = grid[1] if len(grid) > 1 else 1
     grid_2 = grid[2] if len(grid) > 2 else 1
     launcher(grid[0], grid_1, grid_2, active.get_current_stream(device), function,
              packed_metadata, None, None, None, *addresses, *ints, *floats, *tail)
+    return device, entry
+
+
+_generation = 0     # bumped by clear(): what a Site kept before it is stale
+
+
+def _version(text: str) -> tuple:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
+# How the Triton versions tritonbn admits (pyproject.toml) hand a launch from
+# CudaLauncher.__call__ to its C function, read from their source: "spread" (3.6) -- grid,
+# stream, function, the cooperative and PDL flags, the two scratch buffers, then every argument
+# spread; "packed" (3.7 to 3.9) -- the same up to the flags, then the metadata and hooks, the
+# scratch buffers, the argument annotations and signature, and the kernel's arguments as one
+# tuple. __call__ adds nothing else for a kernel with no scratch memory and no sanitizer, so a
+# Site calls the C function itself (~1 us less per launch); other versions and kernels keep
+# calling __call__. The launch-equivalence test checks the bytes either way reach the driver.
+_FORMS = {(3, 6): "spread", (3, 7): "packed", (3, 8): "packed", (3, 9): "packed"}
+_FORM = _FORMS.get(_version(__import__("triton").__version__))
+
+
+def _fast_launch(launcher, function, packed_metadata) -> tuple:
+    """(C function or launcher, the arguments after the stream but the kernel's, whether the
+    kernel's come as one tuple) for ``launcher``."""
+    plain = (launcher, (function, packed_metadata, None, None, None), False)
+    if _FORM is None or type(launcher).__name__ != "CudaLauncher" or getattr(
+            launcher, "gsan_enabled", False) or getattr(launcher, "global_scratch_size", 1) \
+            or getattr(launcher, "profile_scratch_size", 1):
+        return plain
+    c_launch = getattr(launcher, "launch", None)
+    flags = (getattr(launcher, "launch_cooperative_grid", None),
+             getattr(launcher, "launch_pdl", None))
+    if not callable(c_launch) or None in flags:
+        return plain
+    if _FORM == "spread":
+        return c_launch, (function, *flags, None, None, packed_metadata, None, None, None), False
+    annotations = getattr(launcher, "arg_annotations", None)
+    signature = getattr(launcher, "kernel_signature", None)
+    if annotations is None or signature is None:
+        return plain
+    return (c_launch, (function, *flags, packed_metadata, None, None, None, None, None,
+                       annotations, signature), True)
+
+
+class Site:
+    """One launch site: ``kernel`` with its grid, integers, floats and constants bound, called
+    with its pointer arguments again and again.
+
+    The caller promises that every call's pointers have the dtypes, and the Nones, of the
+    first call's (the launchers' kept calls are keyed by them). So once a call has launched
+    with every pointer 16-byte aligned, the site keeps that specialization's compiled
+    launcher, and a later call costs the pointers' addresses, one alignment test (their bitwise
+    or), the current device and stream, and Triton's C launch function (``_fast_launch``). Any
+    other call -- a pointer not 16-byte aligned, another current device, a launch hook, an
+    interpreted kernel, a new Triton driver (``clear``) -- takes ``launch``, which looks its
+    specialization up in full.
+    """
+
+    __slots__ = ("kernel", "grid", "ints", "floats", "constants", "scalars", "_fast")
+
+    def __init__(self, kernel, grid: tuple, ints: tuple, floats: tuple, constants: Constants):
+        self.kernel, self.ints, self.floats, self.constants = kernel, ints, floats, constants
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.scalars = scalar_key(ints, constants)
+        # (generation, device, launch function, its arguments before the kernel's, whether
+        # those come packed, the kernel's integers, floats and constants)
+        self._fast = None
+
+    def __call__(self, tensors: tuple) -> None:
+        fast = self._fast
+        if fast is not None and fast[0] == _generation and \
+                _silent(_knobs.launch_enter_hook) and _silent(_knobs.launch_exit_hook):
+            addresses = [None if t is None else t.data_ptr() for t in tensors]
+            if not functools.reduce(operator.or_, filter(None, addresses), 0) & 15:
+                active = _driver.active
+                device = active.get_current_device()
+                if device == fast[1]:
+                    gx, gy, gz = self.grid
+                    stream = active.get_current_stream(device)
+                    if fast[4]:
+                        fast[2](gx, gy, gz, stream, *fast[3], (*addresses, *fast[5]))
+                    else:
+                        fast[2](gx, gy, gz, stream, *fast[3], *addresses, *fast[5])
+                    return
+        done = launch(self.kernel, self.grid, tensors, self.ints, self.floats, self.constants,
+                      self.scalars)
+        if done is not None and all(t is None or t.data_ptr() % 16 == 0 for t in tensors):
+            device, (launcher, function, packed_metadata, tail) = done
+            self._fast = (_generation, device,
+                          *_fast_launch(launcher, function, packed_metadata),
+                          (*self.ints, *self.floats, *tail))
 
 
 def _entry(kernel, compiled, constants: dict):
@@ -169,6 +263,8 @@ def _entry(kernel, compiled, constants: dict):
 
 
 def clear() -> None:
-    """Forget every direct-launch entry (tests; a driver switch)."""
+    """Forget every direct-launch entry, and what every Site kept (tests; a driver switch)."""
+    global _generation
+    _generation += 1
     _cache.clear()
     _kernels.clear()

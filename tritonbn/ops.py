@@ -24,7 +24,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
-from torch.autograd.graph import increment_version
 
 from . import _runtime, activations, launch
 from .layout import empty_output, output_memory_format, plane_view
@@ -151,8 +150,7 @@ def _direct(t: Tensor) -> bool:
     wrapper re-reads the schema on every call. ``is_compiling`` comes first so Dynamo folds the
     test to False without tracing the other checks.
     """
-    return not torch.compiler.is_compiling() and type(t) is Tensor \
-        and t.device.type != "meta" \
+    return not torch.compiler.is_compiling() and type(t) is Tensor and not t.is_meta \
         and torch._C._len_torch_dispatch_stack() == 0 \
         and not torch._C._are_functorch_transforms_active() \
         and not torch._C._get_tracing_state()  # torch.jit.trace: sizes are traced values
@@ -246,9 +244,7 @@ def _run_forward(o: Options, a: ForwardArgs) -> tuple:
     """The forward without autograd: the launchers directly (updating in place), or, for
     tracers, the custom op (whose new values the caller copies back)."""
     if _direct(a.input):
-        out = launch.forward(a, o, in_place=True)
-        _written(o, a)
-        return out
+        return launch.forward(a, o, in_place=True)   # (which bumps what it updated)
     if _traced_ops(o):
         return batch_norm_forward_traced(*a, o.encode())
     return batch_norm_forward(*a, o.encode())
@@ -442,19 +438,9 @@ def inplace_abn_op(o: Options, a: ForwardArgs) -> Tensor:
 
 
 def _forward_over_input(o: Options, a: ForwardArgs) -> tuple:
-    """The launchers writing y over x (x's version bumped too: a node that saved x before it was
-    overwritten raises instead of reading y)."""
-    out = launch.forward(a, o, in_place=True, out=a.input)
-    _written(o, a, a.input)
-    return out
-
-
-def _written(o: Options, a: ForwardArgs, *more: Tensor) -> None:
-    """The kernels wrote raw memory: bump the version counters of the tensors the op updated
-    (and ``more``) as an in-place op would, so autograd still catches a saved tensor modified
-    afterwards."""
-    increment_version([*more, *(t for name in launch.updated_names(o)
-                                if (t := getattr(a, name)) is not None)])
+    """The launchers writing y over x (x's version bumped there too: a node that saved x before
+    it was overwritten raises instead of reading y)."""
+    return launch.forward(a, o, in_place=True, out=a.input)
 
 
 def _copy_back(o: Options, a: ForwardArgs, new: tuple) -> None:

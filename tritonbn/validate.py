@@ -13,6 +13,7 @@ import math
 import numbers
 
 import torch
+from torch.nn import Parameter
 
 from . import activations
 from .activations import INVERTIBLE
@@ -178,14 +179,23 @@ def check_tensors(input, o: Options, running_mean, running_var, weight, bias, re
         raise ValueError("batch_renorm: running_mean and running_var are required (r and d "
                          "are measured against them)")
     c = math.prod(input.shape[1:]) if per_activation else input.shape[1]
-    if weight is not None:
+    f32 = torch.float32
+    # (each check in full only when the common case's one-line test fails: a call of a model's
+    # layer runs these every time)
+    if weight is not None and not (type(weight) is Parameter and weight.device == device
+                                   and weight.numel() == c
+                                   and (weight.dtype is f32 or weight.dtype is dtype)):
         _check_param("weight", weight, device, dtype, c)
-    if bias is not None:
+    if bias is not None and not (type(bias) is Parameter and bias.device == device
+                                 and bias.numel() == c
+                                 and (bias.dtype is f32 or bias.dtype is dtype)):
         _check_param("bias", bias, device, dtype, c)
     if running_mean is not None:
         grad, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            _check_param(name, t, device, dtype, c)
+            if not (type(t) is torch.Tensor and t.device == device and t.numel() == c
+                    and (t.dtype is f32 or t.dtype is dtype)):
+                _check_param(name, t, device, dtype, c)
             _check_running(name, t, input, o, per_activation, grad, compiling)
     if o.training and o.group is None and input.numel() == c and c > 0:
         raise ValueError("Expected more than 1 value per channel when training, got input size "

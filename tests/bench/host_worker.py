@@ -1,6 +1,7 @@
 """Run in a process whose Triton loads tritonbn's do-nothing CUDA driver (tests/bench/test_host.py):
-launches of every plan of the compile check's CI subset, through Triton's own path and through
-the direct path, recorded at cuLaunchKernelEx and compared byte for byte."""
+launches of every plan of the compile check's CI subset, through Triton's own path, through the
+direct path, and through a Site's kept launch (its second call), recorded at cuLaunchKernelEx
+and compared byte for byte."""
 import ctypes
 import json
 import os
@@ -11,6 +12,7 @@ from bench import host
 host.use_driver()
 
 import bench.compile_check as cc  # noqa: E402
+import torch  # noqa: E402
 from tritonbn import direct_launch, launch  # noqa: E402
 
 # bytes of one kernel parameter of each runtime type, as Triton's launcher passes it
@@ -41,7 +43,7 @@ def recorded(sizes, fn) -> bytes:
 
 
 def main(limit: int) -> None:
-    checked = direct = 0
+    checked = direct = kept = c_direct = 0
     seen = set()
     for prob in cc.problems("ci")[:limit]:
         for kernel, grid, args, kwargs in cc.capture(prob, cc.TARGETS["sm90"]):
@@ -59,10 +61,25 @@ def main(limit: int) -> None:
                                                                 floats, constants))
             assert ours == theirs, (prob.name, kernel.fn.__name__, len(ours), len(theirs))
             assert len(theirs) == 28 + sum(sizes)
+            site = direct_launch.Site(kernel, grid, ints, floats, constants)
+            site(tensors)                               # finds its entry; keeps it if aligned
+            again = recorded(sizes, lambda: site(tensors))
+            assert again == theirs, (prob.name, kernel.fn.__name__, "site")
+            if site._fast is not None:
+                kept += 1
+                c_direct += site._fast[2] is not entry[0]     # Triton's C function itself
             checked += 1
             direct += entry is not direct_launch._NOT_SUPPORTED
             seen.add(key)
-    print(json.dumps({"launches": checked, "direct": direct, "distinct": len(seen)}))
+    # A kept Site handed a pointer that is not 16-byte aligned: the full lookup, which compiles
+    # the specialization without the divisibility hint (a second entry), not the kept launch.
+    first = tensors[0]
+    shifted = torch.empty(first.numel() + 1, dtype=first.dtype)[1:].view(first.shape)
+    entries = len(direct_launch._cache[id(kernel)])
+    site((shifted, *tensors[1:]))
+    misaligned = len(direct_launch._cache[id(kernel)]) - entries
+    print(json.dumps({"launches": checked, "direct": direct, "distinct": len(seen),
+                      "kept": kept, "c_direct": c_direct, "misaligned_entries": misaligned}))
 
 
 if __name__ == "__main__":

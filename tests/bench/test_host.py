@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from bench import host
+from tritonbn import direct_launch
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,6 +39,11 @@ def test_the_direct_path_launches_exactly_what_triton_launches(driver_env):
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["launches"] >= 200 and figures["distinct"] >= 40
     assert figures["direct"] == figures["launches"]      # every one took the direct path
+    # a Site keeps every aligned launch and, on the Triton versions direct_launch knows, calls
+    # Triton's C launch function itself; an unaligned pointer takes the full lookup
+    assert figures["kept"] == figures["launches"]        # (the subset's tensors are aligned)
+    assert figures["c_direct"] == (figures["kept"] if direct_launch._FORM else 0)
+    assert figures["misaligned_entries"] == 1
 
 
 def test_a_launch_hook_sends_launches_through_triton(driver_env):

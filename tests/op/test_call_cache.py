@@ -41,6 +41,12 @@ def _forward_cases(device):
         "float16": (train, lambda: ForwardArgs(x_like(torch.float16), w, b, None, *stats())),
         "half stats": (train, lambda: ForwardArgs(x_like(torch.float16), w, b, None,
                                                   *stats(torch.float16))),
+        "half weight": (train, lambda: ForwardArgs(x_like(torch.float16), w.half(), b, None,
+                                                   *stats())),
+        "half bias": (train, lambda: ForwardArgs(x_like(torch.float16), w, b.half(), None,
+                                                 *stats())),
+        "half running var": (train, lambda: ForwardArgs(
+            x_like(torch.float16), w, b, None, stats()[0], stats(torch.float16)[1])),
         "channels last": (train, lambda: ForwardArgs(x_like(memory_format=torch.channels_last),
                                                      w, b, None, *stats())),
         "misaligned input": (train, lambda: ForwardArgs(misaligned, w, b, None, *stats())),
@@ -143,6 +149,12 @@ def _backward_cases(device):
             None)),
         "float16": (train, True, lambda: BackwardArgs(
             x_like(torch.float16), x_like(torch.float16), w, b, None, mean, invstd, None)),
+        "half weight": (train, True, lambda: BackwardArgs(
+            x_like(torch.float16), x_like(torch.float16), w.half(), b, None, mean, invstd,
+            None)),
+        "half bias": (train, True, lambda: BackwardArgs(
+            x_like(torch.float16), x_like(torch.float16), w, b.half(), None, mean, invstd,
+            None)),
         "residual and activation": (relu, True, lambda: BackwardArgs(
             x_like(), x_like(), w, b, x_like(), mean, invstd, None)),
         "renorm": (Options(training=True, renorm=(3.0, 5.0)), True, lambda: BackwardArgs(
@@ -169,6 +181,45 @@ def test_every_fact_of_a_backward_call_keys_its_launches(variant, device):
         for _ in range(2):
             for name, (o, param_grads, args) in cases.items():
                 assert launches(o, param_grads, args()) == fresh[name], name
+
+
+def _pointer_facts(launches) -> list:
+    return [(d[0], d[5] and [None if p is None else p[0] for p in d[5]]) for d in launches]
+
+
+@pytest.mark.parametrize("variant", ["onepass", "split"])
+def test_calls_that_share_a_kept_call_have_the_same_pointer_dtypes(variant, device,
+                                                                   monkeypatch):
+    """A kept call's launches keep Triton's compiled launcher once it has launched
+    (direct_launch.Site) and hand it later calls' addresses unchecked: every call that finds
+    a kept call must have the dtypes, and the Nones, of the call that made it -- its key holds
+    every pointer's dtype. (The comparisons above cannot see this: a captured launch records
+    the call's own tensors.)"""
+    run_module = importlib.import_module("tritonbn.launch.run")
+    keep, used = run_module.kept, []
+    monkeypatch.setattr(run_module, "kept", lambda *args: used.append(keep(*args)) or used[-1])
+    fwd = _forward_cases(device)
+    bwd = _backward_cases(device)
+
+    def forward(o, args):
+        return _forward_launches(o, args())
+
+    def backward(o, param_grads, args):
+        with launch.capture_launches() as captured:
+            launch.backward(args(), o, param_grads)
+        return _described(captured)
+
+    with planner.forced_plan(variant=variant):
+        _forget()
+        by_call: dict = {}
+        for cases, run_case in ((fwd, forward), (bwd, backward)):
+            for name, case in cases.items():
+                used.clear()
+                facts = _pointer_facts(run_case(*case))
+                assert len(used) == 1, name
+                first = by_call.setdefault(id(used[0]), (name, facts))
+                assert facts == first[1], (name, "shares the kept call of", first[0])
+        assert len(by_call) == len(fwd) + len(bwd)    # here every case is a kind of its own
 
 
 def test_kept_calls_compute_what_fresh_ones_do(device):

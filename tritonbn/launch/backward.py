@@ -103,7 +103,7 @@ class _BackwardCall(NamedTuple):
 
 
 # (options, parameter grads wanted, x / dy / residual shapes, strides, dtypes, alignment,
-# which optional tensors are present, planner.state()) -> _BackwardCall
+# the other tensors' dtypes or absence, planner.state()) -> _BackwardCall
 _calls = run.kept_calls()
 
 
@@ -118,7 +118,9 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
                dy.stride(), dy.dtype, dy.data_ptr() % 16 == 0,
                None if residual is None else (residual.stride(), residual.dtype,
                                               residual.data_ptr() % 16 == 0),
-               a.weight is not None, a.bias is not None, rd is not None, a.save_mean.dtype,
+               # (every pointer's dtype, or None when absent: what run.Launch's site requires)
+               None if w is None else w.dtype, None if b is None else b.dtype,
+               rd is not None, a.save_mean.dtype, a.save_invstd.dtype,
                planner.state())
         call = run.kept(_calls, key, _backward_call, a, o, param_grads, dx, dres, rd)
     if call.copies:

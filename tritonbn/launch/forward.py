@@ -56,7 +56,7 @@ def forward(a: ForwardArgs, o: Options, in_place: bool = True,
         _reference_forward(a, o, y, saves, upd)
     else:
         _kernel_forward(a, o, y, saves, upd)
-    return (y, *saves, *upd.finish())
+    return (y, *saves, *upd.finish(*(() if out is None or not in_place else (out,))))
 
 
 def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
@@ -151,8 +151,8 @@ class _ForwardCall(NamedTuple):
     reads_batches: bool                  # the kernels read the module's batch counter
 
 
-# (options, x's shape / strides / dtype / device / alignment, the residual's, which optional
-# tensors are present, planner.state()) -> _ForwardCall. A model makes a few dozen.
+# (options, x's shape / strides / dtype / device / alignment, the residual's, the other
+# tensors' dtypes or absence, planner.state()) -> _ForwardCall. A model makes a few dozen.
 _calls = run.kept_calls()
 
 
@@ -165,7 +165,10 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
     else:
         key = (o, x.shape, x.stride(), x.dtype, x.device, x.data_ptr() % 16 == 0, y is x,
                None if res is None else (res.stride(), res.dtype, res.data_ptr() % 16 == 0),
-               a.weight is not None, a.bias is not None, reads["running_mean"] is not None,
+               # (every pointer's dtype, or None when absent: what run.Launch's site requires)
+               None if w is None else w.dtype, None if b is None else b.dtype,
+               None if (rm := reads["running_mean"]) is None else (rm.dtype,
+                                                                   reads["running_var"].dtype),
                reads["running_count"] is not None, a.overflow_count is not None,
                # a group's name outlives it: a new default group of another size is "0" too
                None if o.group is None else world_size(o.group), planner.state())

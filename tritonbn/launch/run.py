@@ -139,18 +139,25 @@ class Launch:
 
     The launchers keep these per kind of call (forward.py, backward.py): everything a launch
     takes but its tensors depends only on the call's shapes, strides, dtypes and options, so a
-    call repeated with new tensors binds only its pointers."""
+    call repeated with new tensors binds only its pointers. Their keys pin every pointer's
+    dtype and which pointers are None, as the Site each Launch launches through requires."""
 
-    __slots__ = ("name", "grid", "ints", "floats", "consts", "_pointers", "_key")
+    __slots__ = ("name", "grid", "ints", "floats", "consts", "_pointers", "_site")
 
     def __init__(self, name: str, grid: tuple, args: Mapping, consts: direct_launch.Constants):
         take_pointers, take_ints, take_floats = signature(name)._take
         self.ints, self.floats = take_ints(args), take_floats(args)
         self.name, self.grid, self.consts, self._pointers = name, grid, consts, take_pointers
-        self._key = direct_launch.scalar_key(self.ints, consts)
+        self._site: Optional[direct_launch.Site] = None     # made at the first launch
 
     def __call__(self, pointers: Mapping) -> None:
         tensors = self._pointers(pointers)
+        site = self._site
+        if site is not None and _captured is None:
+            # launched before: the same kernel (a kept call is for one device), its site
+            site(tensors)
+            LAUNCHES[self.name] += 1
+            return
         if type(tensors[0]) is not torch.Tensor and traced(tensors[0]):
             # a triton_op body traced by torch.compile: the launch goes into the graph, as a
             # user-defined Triton kernel (the compiled one, whatever the tensors' device)
@@ -164,8 +171,9 @@ class Launch:
             _captured.append((kernel, self.grid, LaunchArgs(tensors, self.ints, self.floats),
                               launch_kwargs))
             return
-        direct_launch.launch(kernel, self.grid, tensors, self.ints, self.floats, self.consts,
-                             self._key)
+        site = self._site = direct_launch.Site(kernel, self.grid, self.ints, self.floats,
+                                               self.consts)
+        site(tensors)
         LAUNCHES[self.name] += 1
 
 

@@ -10,6 +10,7 @@ import functools
 from typing import Optional
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ..options import UPDATED, ForwardArgs, Options
 
@@ -83,7 +84,7 @@ class Updates:
     kernels update in the caller's own memory), and their ``reads`` / ``writes`` by name (None
     for absent ones) as the kernels take them."""
 
-    __slots__ = ("items", "reads", "writes")
+    __slots__ = ("items", "reads", "writes", "bumped")
 
     def __init__(self, a: ForwardArgs, o: Options, in_place: bool):
         # Renorm reads the running statistics of before this step in every program while the
@@ -91,18 +92,24 @@ class Updates:
         separate = o.renorming
         updated = updated_names(o)
         self.items, self.reads, self.writes = items, reads, writes = {}, {}, {}
+        # in place: the caller's tensors this call changes, whose versions finish() bumps
+        self.bumped = bumped = []
         for name in UPDATED:
             given = getattr(a, name)
             if given is None:
                 items[name] = reads[name] = writes[name] = None
-            elif in_place and not separate and given.dim() == 1 and given.is_contiguous():
+                continue
+            update = name in updated
+            if in_place and update:
+                bumped.append(given)
+            if in_place and not separate and given.dim() == 1 and given.is_contiguous():
                 # the kernels read and write the caller's own memory: nothing to hand back
                 # (what Updated would do, without making one on every call)
                 items[name] = None
-                reads[name], writes[name] = given, given if name in updated else None
+                reads[name], writes[name] = given, given if update else None
             else:
-                u = items[name] = Updated(given, name in updated, in_place,
-                                          name in _ACCUMULATED, separate)
+                u = items[name] = Updated(given, update, in_place, name in _ACCUMULATED,
+                                          separate)
                 reads[name], writes[name] = u.read, u.write
 
     def unchanged(self) -> None:
@@ -111,7 +118,13 @@ class Updates:
             if u is not None:
                 u.unchanged()
 
-    def finish(self) -> tuple:
-        """The ``new_<name>`` outputs, in UPDATED order (all None in place)."""
+    def finish(self, *also: torch.Tensor) -> tuple:
+        """The ``new_<name>`` outputs, in UPDATED order (all None in place). In place, the
+        kernels wrote the caller's memory behind autograd's back: the version counters of the
+        tensors updated (and of ``also``) are bumped as an in-place op's would be, so that a
+        tensor saved for backward and changed here still raises there."""
         items = self.items
-        return tuple([None if (u := items[name]) is None else u.finish() for name in UPDATED])
+        new = tuple([None if (u := items[name]) is None else u.finish() for name in UPDATED])
+        if self.bumped or also:
+            increment_version([*also, *self.bumped])
+        return new
