@@ -192,11 +192,17 @@ def check_tensors(input, o: Options, running_mean, running_var, weight, bias, re
         _check_param("bias", bias, device, dtype, c)
     if running_mean is not None:
         grad, compiling = torch.is_grad_enabled(), torch.compiler.is_compiling()
+        plain = not (per_activation or compiling)
+        saves = grad and input.requires_grad
         for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if not (type(t) is torch.Tensor and t.device == device and t.numel() == c
-                    and (t.dtype is f32 or t.dtype is dtype)):
+            # the common case of both checks below in one test
+            if not (plain and type(t) is torch.Tensor and t.device == device
+                    and t.numel() == c and (t.dtype is f32 or t.dtype is dtype)
+                    and t.dim() == 1 and not (grad and t.requires_grad)
+                    and not (saves and t.is_inference())
+                    and (not o.training or t.is_contiguous())):
                 _check_param(name, t, device, dtype, c)
-            _check_running(name, t, input, o, per_activation, grad, compiling)
+                _check_running(name, t, input, o, per_activation, grad, compiling)
     if o.training and o.group is None and input.numel() == c and c > 0:
         raise ValueError("Expected more than 1 value per channel when training, got input size "
                          f"{tuple(input.shape)}")

@@ -35,11 +35,10 @@ def backward(a: BackwardArgs, o: Options, param_grads: bool) -> tuple:
     torch (DistributedDataParallel averages them)."""
     x, residual = a.input, a.residual
     c = x.shape[1]
-    acc = a.save_mean.dtype
     dx = empty_output(x)
     dres = empty_output(residual) if residual is not None and o.activation is not None else None
-    dw = torch.empty(c, dtype=acc, device=x.device)
-    db = torch.empty(c, dtype=acc, device=x.device)
+    dw = a.save_mean.new_empty(c)           # (the statistics' dtype and device)
+    db = a.save_mean.new_empty(c)
     if x.numel() == 0 and o.group is None:
         dw.zero_()
         db.zero_()

@@ -40,9 +40,9 @@ def forward(a: ForwardArgs, o: Options, in_place: bool = True,
     c = x.shape[1]
     acc = torch.float64 if x.dtype is torch.float64 else torch.float32
     y = empty_output(x) if out is None else out
-    save_mean = torch.empty(c, dtype=acc, device=x.device)
-    save_invstd = torch.empty(c, dtype=acc, device=x.device)
-    save_rd = torch.empty((2, c), dtype=acc, device=x.device) if o.renorming else None
+    save_mean = x.new_empty(c) if x.dtype is acc else torch.empty(c, dtype=acc, device=x.device)
+    save_invstd = save_mean.new_empty(c)
+    save_rd = save_mean.new_empty((2, c)) if o.renorming else None
     upd = Updates(a, o, in_place)
     saves = (save_mean, save_invstd, save_rd)
     if x.numel() == 0 and o.group is None:

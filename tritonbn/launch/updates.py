@@ -7,6 +7,7 @@ returns their new values as ``new_<name>`` outputs, which its callers copy back.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Optional
 
 import torch
@@ -35,6 +36,9 @@ def updated_names(o: Options) -> tuple[str, ...]:
 
 
 _ACCUMULATED = ("overflow_count", "overflow_max")    # counters: new values add to the old
+_NONE = dict.fromkeys(UPDATED)                     # (copied: each name's entry, None)
+_NO_NEW = (None,) * len(UPDATED)
+_take_updated = operator.attrgetter(*UPDATED)      # a ForwardArgs' updated tensors, in order
 
 
 class Updated:
@@ -91,13 +95,12 @@ class Updates:
         # first program of each channel block writes the new ones: never the same memory.
         separate = o.renorming
         updated = updated_names(o)
-        self.items, self.reads, self.writes = items, reads, writes = {}, {}, {}
+        self.items, self.reads, self.writes = items, reads, writes = (
+            _NONE.copy(), _NONE.copy(), _NONE.copy())
         # in place: the caller's tensors this call changes, whose versions finish() bumps
         self.bumped = bumped = []
-        for name in UPDATED:
-            given = getattr(a, name)
+        for name, given in zip(UPDATED, _take_updated(a)):
             if given is None:
-                items[name] = reads[name] = writes[name] = None
                 continue
             update = name in updated
             if in_place and update:
@@ -105,8 +108,9 @@ class Updates:
             if in_place and not separate and given.dim() == 1 and given.is_contiguous():
                 # the kernels read and write the caller's own memory: nothing to hand back
                 # (what Updated would do, without making one on every call)
-                items[name] = None
-                reads[name], writes[name] = given, given if update else None
+                reads[name] = given
+                if update:
+                    writes[name] = given
             else:
                 u = items[name] = Updated(given, update, in_place, name in _ACCUMULATED,
                                           separate)
@@ -124,7 +128,8 @@ class Updates:
         tensors updated (and of ``also``) are bumped as an in-place op's would be, so that a
         tensor saved for backward and changed here still raises there."""
         items = self.items
-        new = tuple([None if (u := items[name]) is None else u.finish() for name in UPDATED])
+        new = _NO_NEW if items == _NONE else tuple(
+            [None if (u := items[name]) is None else u.finish() for name in UPDATED])
         if self.bumped or also:
             increment_version([*also, *self.bumped])
         return new
