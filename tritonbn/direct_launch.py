@@ -58,9 +58,10 @@ except (ImportError, AttributeError):  # pragma: no cover - older Triton: always
 from triton.runtime.driver import driver as _driver  # noqa: E402 - after the knobs probe
 
 
-def _silent(hook) -> bool:
-    """No launch hook would run: none set, or an empty chain (Triton's default)."""
-    return hook is None or (type(hook) is _HookChain and not hook.calls)
+def _silent(enter, exit) -> bool:
+    """No launch hook would run: none set, or empty chains (Triton's default)."""
+    return (enter is None or (type(enter) is _HookChain and not enter.calls)) and (
+        exit is None or (type(exit) is _HookChain and not exit.calls))
 
 
 # id(kernel) -> {key: (launcher, function, packed_metadata, constants) or _NOT_SUPPORTED}.
@@ -128,7 +129,7 @@ def launch(kernel, grid: tuple, tensors: tuple, ints: tuple, floats: tuple,
     when the caller kept it. Returns (device, entry) when the launch took the direct path or
     made its entry, else None."""
     if _knobs is None or not hasattr(kernel, "device_caches") or not (
-            _silent(_knobs.launch_enter_hook) and _silent(_knobs.launch_exit_hook)):
+            _silent(_knobs.launch_enter_hook, _knobs.launch_exit_hook)):
         kernel[grid](**by_name(kernel, tensors, ints, floats), **constants)
         return None
     active = _driver.active
@@ -222,7 +223,7 @@ class Site:
     def __call__(self, tensors: tuple) -> None:
         fast = self._fast
         if fast is not None and fast[0] == _generation and \
-                _silent(_knobs.launch_enter_hook) and _silent(_knobs.launch_exit_hook):
+                _silent(_knobs.launch_enter_hook, _knobs.launch_exit_hook):
             # (0 for an absent pointer: Triton made it a compile-time None, whose argument its
             # launcher skips; and 0 leaves the alignment test alone)
             addresses = [0 if t is None else t.data_ptr() for t in tensors]

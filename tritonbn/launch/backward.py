@@ -121,7 +121,8 @@ def _kernel_backward(a: BackwardArgs, o: Options, param_grads: bool, dx, dw, db,
                None if w is None else w.dtype, None if b is None else b.dtype,
                rd is not None, a.save_mean.dtype, a.save_invstd.dtype,
                planner.state())
-        call = run.kept(_calls, key, _backward_call, a, o, param_grads, dx, dres, rd)
+        call = _calls.get(key) or run.kept(_calls, key, _backward_call, a, o, param_grads,
+                                           dx, dres, rd)
     if call.copies:
         _, x, (dy, _, residual, _) = view_or_copy(x, [dy, dx, residual, dres])
     pointers = {

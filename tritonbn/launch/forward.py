@@ -172,7 +172,8 @@ def _kernel_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:
                reads["running_count"] is not None, a.overflow_count is not None,
                # a group's name outlives it: a new default group of another size is "0" too
                None if o.group is None else world_size(o.group), planner.state())
-        call = run.kept(_calls, key, _forward_call, a, o, y, saves[0], reads)
+        call = _calls.get(key) or run.kept(_calls, key, _forward_call, a, o, y, saves[0],
+                                           reads)
     if call.copies:
         _, x, (_, res) = view_or_copy(x, [y, res])
     save_mean, save_invstd, save_rd = saves

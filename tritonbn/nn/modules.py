@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -81,11 +82,21 @@ class TritonNorm:
         batches = buffers.get("num_batches_tracked")
         momentum = self.momentum
         use_batch_stats = self._uses_batch_statistics(running_mean, running_var)
-        o = functional.options(
-            use_batch_stats, momentum, self.eps, self.activation if with_activation else None,
-            self.negative_slope, self.renorm, self.warmup_steps, self.overflow,
-            self.nonfinite_stats, group=self._process_group() if training else None,
-            invertible=self.invertible)
+        known = self.__dict__.get("_options")         # (see __setattr__)
+        o = None if known is None else known.get((training, use_batch_stats, with_activation))
+        if o is None:
+            o = functional.options(
+                use_batch_stats, momentum, self.eps,
+                self.activation if with_activation else None, self.negative_slope, self.renorm,
+                self.warmup_steps, self.overflow, self.nonfinite_stats,
+                group=self._process_group() if training else None, invertible=self.invertible)
+            # kept unless the group is read from torch.distributed's state, which can change
+            # under the module (SyncBatchNorm); not while compiling (a traced side effect)
+            if type(self)._process_group is TritonNorm._process_group \
+                    and not torch.compiler.is_compiling():
+                if known is None:
+                    known = self.__dict__["_options"] = {}
+                known[(training, use_batch_stats, with_activation)] = o
         # Running buffers go to the op when it updates them (training with tracking) or reads
         # them (running statistics normalize); a module whose track_running_stats was switched
         # off keeps its buffers.
@@ -109,6 +120,23 @@ class TritonNorm:
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return self._run(input, residual)
+
+    # A call's Options come from the module's attributes; ``_run`` keeps the ones it built
+    # (per training flag, use of batch statistics and activation) until any attribute of the
+    # module is set or deleted -- train() / eval(), momentum or eps changed, a policy set, the
+    # class converted -- which is what a model's every call would otherwise rebuild and look up.
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__.pop("_options", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self.__dict__.pop("_options", None)
+        super().__delattr__(name)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()          # (a copy: pickle, copy.deepcopy)
+        state.pop("_options", None)             # rebuilt, by the version that loads it
+        return state
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr()]
