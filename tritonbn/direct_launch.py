@@ -58,10 +58,10 @@ except (ImportError, AttributeError):  # pragma: no cover - older Triton: always
 from triton.runtime.driver import driver as _driver  # noqa: E402 - after the knobs probe
 
 
-def _silent(enter, exit) -> bool:
+def _silent(enter, leave) -> bool:
     """No launch hook would run: none set, or empty chains (Triton's default)."""
     return (enter is None or (type(enter) is _HookChain and not enter.calls)) and (
-        exit is None or (type(exit) is _HookChain and not exit.calls))
+        leave is None or (type(leave) is _HookChain and not leave.calls))
 
 
 # id(kernel) -> {key: (launcher, function, packed_metadata, constants) or _NOT_SUPPORTED}.
@@ -224,19 +224,20 @@ class Site:
         fast = self._fast
         if fast is not None and fast[0] == _generation and \
                 _silent(_knobs.launch_enter_hook, _knobs.launch_exit_hook):
+            _, kept_device, call, head, packed, tail = fast
             # (0 for an absent pointer: Triton made it a compile-time None, whose argument its
             # launcher skips; and 0 leaves the alignment test alone)
             addresses = [0 if t is None else t.data_ptr() for t in tensors]
             if not functools.reduce(operator.or_, addresses) & 15:
                 active = _driver.active
                 device = active.get_current_device()
-                if device == fast[1]:
+                if device == kept_device:
                     gx, gy, gz = self.grid
                     stream = active.get_current_stream(device)
-                    if fast[4]:
-                        fast[2](gx, gy, gz, stream, *fast[3], (*addresses, *fast[5]))
+                    if packed:
+                        call(gx, gy, gz, stream, *head, (*addresses, *tail))
                     else:
-                        fast[2](gx, gy, gz, stream, *fast[3], *addresses, *fast[5])
+                        call(gx, gy, gz, stream, *head, *addresses, *tail)
                     return
         done = launch(self.kernel, self.grid, tensors, self.ints, self.floats, self.constants,
                       self.scalars)

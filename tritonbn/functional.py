@@ -89,11 +89,9 @@ def run(input: Tensor, o: Options, running_mean=None, running_var=None, weight=N
     if per_activation and input.dim() > 2:
         return _per_activation(input, o, weight, bias, residual, batches,
                                (running_mean, running_var, running_count, count, max_abs))
-    # (weight and bias flat: the common 1-D case without a call)
-    a = ForwardArgs(input,
-                    weight if weight is None or weight.dim() == 1 else _flat(weight, input.shape[1]),
-                    bias if bias is None or bias.dim() == 1 else _flat(bias, input.shape[1]),
-                    residual, running_mean, running_var, batches, running_count, count, max_abs)
+    c = input.shape[1]
+    a = ForwardArgs(input, _flat(weight, c), _flat(bias, c), residual, running_mean, running_var,
+                    batches, running_count, count, max_abs)
     if inplace and o.invertible:
         return ops.inplace_abn_op(o, a)
     return ops.batch_norm_op(o, a)

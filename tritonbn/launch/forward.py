@@ -56,7 +56,7 @@ def forward(a: ForwardArgs, o: Options, in_place: bool = True,
         _reference_forward(a, o, y, saves, upd)
     else:
         _kernel_forward(a, o, y, saves, upd)
-    return (y, *saves, *upd.finish(*(() if out is None or not in_place else (out,))))
+    return (y, *saves, *upd.finish(out))
 
 
 def _reference_forward(a: ForwardArgs, o: Options, y, saves, upd: Updates) -> None:

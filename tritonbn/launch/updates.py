@@ -122,14 +122,17 @@ class Updates:
             if u is not None:
                 u.unchanged()
 
-    def finish(self, *also: torch.Tensor) -> tuple:
+    def finish(self, written: Optional[torch.Tensor] = None) -> tuple:
         """The ``new_<name>`` outputs, in UPDATED order (all None in place). In place, the
         kernels wrote the caller's memory behind autograd's back: the version counters of the
-        tensors updated (and of ``also``) are bumped as an in-place op's would be, so that a
-        tensor saved for backward and changed here still raises there."""
+        tensors updated (and of ``written``, the input y went over) are bumped as an in-place
+        op's would be, so that a tensor saved for backward and changed here still raises
+        there."""
         items = self.items
         new = _NO_NEW if items == _NONE else tuple(
             [None if (u := items[name]) is None else u.finish() for name in UPDATED])
-        if self.bumped or also:
-            increment_version([*also, *self.bumped])
+        if written is not None:
+            self.bumped.append(written)
+        if self.bumped:
+            increment_version(self.bumped)
         return new
